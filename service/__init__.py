@@ -1,0 +1,1 @@
+"""API tier. Never imports torch: it talks to workers through task names and Redis only."""

@@ -1,0 +1,1 @@
+"""GPU worker side: video decoding, Qwen-VL preprocessing, model loading and answering."""
