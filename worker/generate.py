@@ -1,0 +1,146 @@
+"""M-RoPE positions, prefill and greedy decoding on the language model, with explicit positions.
+
+Positions are always passed explicitly: `generate()` would derive them from the physical cache
+length, which stops matching the real positions once video tokens are evicted from the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+
+from worker.models import LoadedModel
+
+
+def multimodal_position_ids(
+    loaded: LoadedModel,
+    num_text0: int,
+    grid_thw: tuple[int, int, int],
+    seconds_per_grid: float,
+    num_text1: int,
+) -> torch.Tensor:
+    """3-D M-RoPE positions of `[text0][video][text1]`.
+
+    text0 and the video come from the model's own index function. text1 starts right after the largest
+    video position, as in Qwen's reference implementation and training: transformers 5.24 instead resumes
+    text at text0 + max(grid_h, grid_w) / merge, which for a video overlaps its temporal positions (and
+    disagrees with its own rope deltas used when decoding).
+
+    Args:
+        grid_thw: the whole video's grid in patches (grid_t, grid_h, grid_w).
+        seconds_per_grid (float): seconds spanned by one temporal grid (Qwen2.5-VL's absolute time axis).
+
+    Returns:
+        torch.Tensor: `[3, num_text0 + num_video_tokens + num_text1]` int64 on the model's device.
+    """
+    merge = loaded.vision.merge_size
+    num_video = grid_thw[0] * (grid_thw[1] // merge) * (grid_thw[2] // merge)
+    token_types = torch.zeros(1, num_text0 + num_video, dtype=torch.int32)
+    token_types[0, num_text0:] = 2  # 2 = video, as the processor marks it
+    input_ids = torch.where(token_types == 2, loaded.video_token_id, 0).long()
+    kwargs = {"second_per_grid_ts": torch.tensor([seconds_per_grid])} if loaded.family == "qwen2_5_vl" else {}
+    position_ids, _ = loaded.model.model.get_rope_index(
+        input_ids, mm_token_type_ids=token_types, video_grid_thw=torch.tensor([grid_thw]), **kwargs
+    )
+    head = position_ids[:, 0]  # [3, num_text0 + num_video]
+    tail = (head.max() + 1 + torch.arange(num_text1)).expand(3, -1)  # [3, num_text1]
+    return torch.cat([head, tail], dim=1).to(loaded.device)
+
+
+def embed_tokens(loaded: LoadedModel, token_ids: list[int]) -> torch.Tensor:
+    """`[1, len(token_ids), hidden_size]` input embeddings."""
+    ids = torch.tensor([token_ids], device=loaded.device)
+    return loaded.model.get_input_embeddings()(ids)
+
+
+def new_cache(loaded: LoadedModel) -> DynamicCache:
+    return DynamicCache(config=loaded.model.config.get_text_config())
+
+
+@torch.inference_mode()
+def forward(
+    loaded: LoadedModel,
+    inputs_embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: DynamicCache,
+    **kwargs,
+) -> torch.Tensor:
+    """Run the language model over `inputs_embeds` `[1, seq, hidden]` at `position_ids` `[3, seq]`, appending
+    to `cache`; returns the last token's logits `[vocab]` in float32."""
+    hidden = loaded.model.model.language_model(
+        inputs_embeds=inputs_embeds,
+        position_ids=position_ids[:, None, :],
+        cache=cache,
+        use_cache=True,
+        **kwargs,
+    ).last_hidden_state
+    return loaded.model.lm_head(hidden[0, -1]).float()
+
+
+class IncrementalText:
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        return self._delta(final=False)
+
+    def finish(self) -> str:
+        """Whatever was held back, once no more tokens will come."""
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:  # a multi-byte character split across tokens: wait
+            return ""
+        delta, self.emitted = text[len(self.emitted) :], text
+        return delta
+
+
+@torch.inference_mode()
+def greedy_decode(
+    loaded: LoadedModel,
+    cache: DynamicCache,
+    logits: torch.Tensor,
+    next_position: int,
+    max_new_tokens: int,
+    on_text: Callable[[str], None] | None = None,
+    on_step: Callable[[torch.Tensor], None] | None = None,
+    **forward_kwargs,
+) -> list[int]:
+    """Greedy decoding after a prefill.
+
+    Args:
+        cache (DynamicCache): the prefilled cache; generated tokens are appended to it.
+        logits (torch.Tensor): `[vocab]` logits of the last prefilled token.
+        next_position (int): M-RoPE position of the first generated token (a text position, equal on
+            all 3 axes).
+        on_text: receives decoded text as it is generated.
+        on_step: receives each step's logits `[vocab]` (float32), the prefill's included.
+        forward_kwargs: passed to every decoding step's forward (and so to the attention function).
+
+    Returns:
+        list[int]: generated token ids, without the end-of-turn token.
+    """
+    text = IncrementalText(loaded.tokenizer)
+    for step in range(max_new_tokens):
+        if on_step is not None:
+            on_step(logits)
+        token_id = int(logits.argmax())
+        if token_id in loaded.eos_token_ids:
+            break
+        if (delta := text.push(token_id)) and on_text is not None:
+            on_text(delta)
+        if step + 1 == max_new_tokens:
+            break
+        position = torch.full((3, 1), next_position + step, device=loaded.device)
+        logits = forward(loaded, embed_tokens(loaded, [token_id]), position, cache, **forward_kwargs)
+    if (delta := text.finish()) and on_text is not None:
+        on_text(delta)
+    return text.token_ids
