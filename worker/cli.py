@@ -1,4 +1,5 @@
-"""`videoqa`: the command line."""
+"""`videoqa`: index a video once, then answer questions from its compressed cache (embedded mode: no
+Redis or Celery needed)."""
 
 from __future__ import annotations
 
@@ -6,28 +7,134 @@ import argparse
 import sys
 from pathlib import Path
 
-from worker.config import SamplingConfig
+from worker.config import SamplingConfig, default_cache_dir
+
+MODES = ("cached", "question_guided", "uncompressed")
 
 
-def _ask(args: argparse.Namespace) -> int:
+def _say(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _mmss(seconds: float) -> str:
+    return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
+
+
+def _compression_config(args: argparse.Namespace):
+    from worker.adaretake import CompressionConfig
+
+    sampling = SamplingConfig(fps=args.fps, max_frames=args.max_frames, long_side=args.long_side)
+    return CompressionConfig(
+        sampling=sampling,
+        budget=args.budget,
+        chunk_frames=args.chunk_frames,
+        layer_allocation=args.layer_allocation,
+        temporal_allocation=args.temporal_allocation,
+    )
+
+
+def _load(args: argparse.Namespace):
+    from worker.models import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    _say(f"model: {loaded.name} ({loaded.family}, {loaded.revision}) on {loaded.device}")
+    return loaded
+
+
+def _index(loaded, args: argparse.Namespace):
+    """The video's artifact from the cache directory, compressing it first on a miss."""
+    from tqdm import tqdm
+
+    from worker.engine import get_or_compress
+    from worker.storage import DiskStore
+
+    store = DiskStore(args.cache_dir, device=loaded.device)
+    with tqdm(total=100, desc="indexing", unit="%", file=sys.stderr, leave=False) as bar:
+
+        def progress(stage: str, fraction: float) -> None:
+            bar.set_postfix_str(stage)
+            bar.update(round(fraction * 100) - bar.n)
+
+        result = get_or_compress(loaded, store, args.video, _compression_config(args), on_progress=progress)
+    report = result.artifact.metadata["report"]
+    if result.hit:
+        _say(
+            f"cache hit: {result.key.to_string()} ({result.nbytes / 1e6:.1f} MB, loaded in "
+            f"{result.seconds['load']:.2f}s)"
+        )
+    else:
+        _say(f"cache miss ({result.reason}): compressed and stored {result.key.to_string()}")
+    per_layer = report["video_tokens_after_per_layer"]
+    _say(
+        f"{report['frames']} frames, video tokens {report['video_tokens_before']} -> "
+        f"{report['video_tokens_after']:.0f} per layer on average "
+        f"(min {min(per_layer)}, max {max(per_layer)}; "
+        f"ratio {report['global_ratio']:.3f}), artifact {result.nbytes / 1e6:.1f} MB"
+    )
+    return result
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    result = _index(_load(args), args)
+    seconds = result.seconds
+    print("timings: " + " | ".join(f"{stage} {value:.2f}s" for stage, value in seconds.items()))
+    return 0
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from worker.decode import VideoDecodeError
+
+    try:
+        if args.mode == "uncompressed":
+            return _ask_uncompressed(_load(args), args)
+        return _ask_compressed(_load(args), args)
+    except VideoDecodeError as error:
+        _say(f"videoqa: {error}")
+        return 2
+
+
+def _print_text(text: str) -> None:
+    print(text, end="", flush=True)
+
+
+def _ask_compressed(loaded, args: argparse.Namespace) -> int:
+    from worker.engine import answer_from_artifact, compress_video
+
+    if args.mode == "question_guided":  # compressed for this question only: nothing to reuse
+        artifact = compress_video(loaded, args.video, _compression_config(args), guide_question=args.question)
+        video_seconds = artifact.metadata["report"]["seconds"]
+        _say("question-guided: compressed with the question as the guide prompt (not cached)")
+    else:
+        result = _index(loaded, args)
+        artifact = result.artifact
+        video_seconds = {} if result.hit else result.seconds
+    answer = answer_from_artifact(
+        loaded, artifact, args.question, max_new_tokens=args.max_new_tokens, on_text=_print_text
+    )
+    print()
+    moments = ", ".join(f"{_mmss(t)} ({share:.0%})" for t, share in answer.top_moments)
+    print(f"evidence: {moments}")
+    print(
+        f"timings: decode {video_seconds.get('decode', 0):.2f}s"
+        f" | vision {video_seconds.get('vision', 0):.2f}s"
+        f" | video prefill {video_seconds.get('prefill', 0):.2f}s | question prefill "
+        f"{answer.timings['prefill']:.2f}s | decode-tokens {answer.timings['generate']:.2f}s "
+        f"({len(answer.token_ids)} tokens) | mode {args.mode}"
+    )
+    return 0
+
+
+def _ask_uncompressed(loaded, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from worker.answer import answer_uncompressed
-    from worker.decode import VideoDecodeError, probe
-    from worker.models import load_model
+    from worker.decode import probe
 
-    sampling = SamplingConfig(fps=args.fps, max_frames=args.max_frames, long_side=args.long_side)
-    try:
-        info = probe(args.video, sampling)
-    except VideoDecodeError as error:
-        print(f"videoqa: {error}", file=sys.stderr)
-        return 2
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    print(
+    sampling = _compression_config(args).sampling
+    info = probe(args.video, sampling)
+    _say(
         f"{Path(args.video).name}: {info.duration:.1f}s {info.width}x{info.height} -> "
-        f"{info.num_samples} frames at {info.out_width}x{info.out_height} | "
-        f"{loaded.family} on {loaded.device}",
-        file=sys.stderr,
+        f"{info.num_samples} frames at {info.out_width}x{info.out_height}"
     )
     with tqdm(total=info.num_samples, unit="frame", desc="decode+encode", file=sys.stderr) as bar:
         answer = answer_uncompressed(
@@ -38,19 +145,19 @@ def _ask(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             info=info,
             on_frames=bar.update,
-            on_text=lambda text: print(text, end="", flush=True),
+            on_text=_print_text,
         )
     print()
     t = answer.timings
     print(
         f"timings: decode {t['decode']:.2f}s | vision {t['vision']:.2f}s | prefill {t['prefill']:.2f}s | "
         f"decode-tokens {t['generate']:.2f}s ({len(answer.token_ids)} tokens) | "
-        f"{answer.num_frames} frames, {answer.num_video_tokens} video tokens"
+        f"{answer.num_frames} frames, {answer.num_video_tokens} video tokens | mode uncompressed"
     )
     return 0
 
 
-def _make_tiny(args: argparse.Namespace) -> int:
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from worker.tiny import make_tiny
 
     for family, path in make_tiny(args.dir).items():
@@ -58,37 +165,70 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    from worker.adaretake import LAYER_ALLOCATIONS, TEMPORAL_ALLOCATIONS, CompressionConfig
     from worker.models import DEFAULT_MODEL_ID
 
+    parser.add_argument("video", help="path to a video file")
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="checkpoint path or model id (%(default)s)")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", help="float32, bfloat16 ... (default: bf16 on GPU, fp32 on CPU)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=default_cache_dir(),
+        help="where compressed caches are kept (VIDEOQA_CACHE_DIR; default %(default)s)",
+    )
+    defaults = CompressionConfig()
+    parser.add_argument("--fps", type=float, default=defaults.sampling.fps)
+    parser.add_argument("--max-frames", type=int, default=defaults.sampling.max_frames)
+    parser.add_argument("--long-side", type=int, default=defaults.sampling.long_side)
+    parser.add_argument("--budget", type=int, default=defaults.budget, help="context budget in tokens")
+    parser.add_argument("--chunk-frames", type=int, default=defaults.chunk_frames)
+    parser.add_argument("--layer-allocation", choices=LAYER_ALLOCATIONS, default=defaults.layer_allocation)
+    parser.add_argument(
+        "--temporal-allocation", choices=TEMPORAL_ALLOCATIONS, default=defaults.temporal_allocation
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="videoqa", description="Long-video question answering.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    ask = commands.add_parser("ask", help="answer a question about a video")
-    ask.add_argument("video", help="path to a video file")
+    index = commands.add_parser("index", help="compress a video into the cache (once per video and settings)")
+    _add_engine_arguments(index)
+    index.set_defaults(run=_cmd_index)
+
+    ask = commands.add_parser("ask", help="answer a question about a video, reusing its cached compression")
+    _add_engine_arguments(ask)
     ask.add_argument("question")
     ask.add_argument(
-        "--model", default=DEFAULT_MODEL_ID, help="checkpoint path or model id (default: %(default)s)"
+        "--mode",
+        choices=MODES,
+        default="cached",
+        help="cached: generic guide prompt, compressed once and reused (default); question_guided: "
+        "compressed with the question as the guide; uncompressed: every video token",
     )
     ask.add_argument("--max-new-tokens", type=int, default=128)
-    ask.add_argument("--fps", type=float, default=SamplingConfig.fps)
-    ask.add_argument("--max-frames", type=int, default=SamplingConfig.max_frames)
-    ask.add_argument("--long-side", type=int, default=SamplingConfig.long_side)
-    ask.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    ask.add_argument(
-        "--dtype", default="auto", help="float32, bfloat16 ... (default: bf16 on GPU, fp32 on CPU)"
-    )
-    ask.set_defaults(run=_ask)
+    ask.set_defaults(run=_cmd_ask)
 
     tiny = commands.add_parser("make-tiny", help="build tiny random Qwen2.5-VL and Qwen2-VL checkpoints")
     tiny.add_argument("dir", type=Path)
-    tiny.set_defaults(run=_make_tiny)
+    tiny.set_defaults(run=_cmd_make_tiny)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ValueError as error:  # bad settings, unsupported checkpoints: a message, not a traceback
+        _say(f"videoqa: {error}")
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Settings that change what the model sees. Frozen: passed down explicitly, never mutated."""
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -26,3 +28,10 @@ class SamplingConfig:
             raise ValueError(f"max_frames must be at least 1, got {self.max_frames}")
         if self.long_side < self.size_multiple:
             raise ValueError(f"long_side must be at least {self.size_multiple}, got {self.long_side}")
+
+
+def default_cache_dir() -> Path:
+    """VIDEOQA_CACHE_DIR, else the per-user cache directory (XDG_CACHE_HOME or ~/.cache) + /videoqa."""
+    if configured := os.environ.get("VIDEOQA_CACHE_DIR"):
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "videoqa"

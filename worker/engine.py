@@ -31,12 +31,12 @@ from worker.adaretake import (
     stack_scores,
 )
 from worker.answer import seconds_per_grid
-from worker.artifact import CompressedKV
+from worker.artifact import ARTIFACT_FORMAT, ArtifactError, CompressedKV
 from worker.decode import probe, sample_frames
 from worker.generate import embed_tokens, forward, greedy_decode, multimodal_position_ids, new_cache
 from worker.models import LoadedModel
 from worker.prompt import build_prompt
-from worker.storage import settings_hash
+from worker.storage import ArtifactKey, ArtifactStore, file_sha256, settings_hash
 from worker.timing import StageTimer
 from worker.vision import encode_slices
 
@@ -228,6 +228,71 @@ def _vision_pass(loaded, video_path, config, chunk_grids, spill: Path, timer, pr
             yield embeds.to(loaded.device), times
 
     return frame_distances(torch.cat(pooled)), replay()
+
+
+# ---- the cache of artifacts -------------------------------------------------------------------------
+
+
+def artifact_key(loaded: LoadedModel, video_hash: str, config: CompressionConfig) -> ArtifactKey:
+    """Video content, exact weights and every result-changing setting (and the artifact format, so old
+    and new workers never read each other's files)."""
+    settings = {**config.settings(), "artifact_format": ARTIFACT_FORMAT}
+    return ArtifactKey(
+        video_hash=video_hash, model_revision=loaded.revision, settings_hash=settings_hash(settings)
+    )
+
+
+@dataclass
+class IndexResult:
+    """An artifact and how it was obtained.
+
+    Args:
+        hit (bool): loaded from the store rather than compressed now.
+        reason (str): why it was compressed ("absent", or "corrupt: ..." when the stored one was rejected).
+        seconds (dict[str, float]): "hash" and "load" on a hit; the compression's stages and "store" on a
+            miss.
+    """
+
+    artifact: CompressedKV
+    key: ArtifactKey
+    hit: bool
+    reason: str
+    nbytes: int
+    seconds: dict[str, float]
+
+
+def get_or_compress(
+    loaded: LoadedModel,
+    store: ArtifactStore,
+    video_path: str | Path,
+    config: CompressionConfig = CompressionConfig(),
+    *,
+    on_progress: Callable[[str, float], None] | None = None,
+) -> IndexResult:
+    """The video's artifact from `store`, compressing and storing it first when absent or corrupt."""
+    timer = StageTimer()
+    with timer.stage("hash"):
+        video_hash = file_sha256(video_path)
+    key = artifact_key(loaded, video_hash, config)
+    reason = "absent"
+    with timer.stage("load"):
+        try:
+            artifact = store.get(key)
+        except ArtifactError as error:  # rebuilt below; the put replaces the damaged blob
+            artifact, reason = None, f"corrupt: {error}"
+    if artifact is not None:
+        return IndexResult(artifact, key, True, "", artifact.nbytes, dict(timer.seconds))
+    artifact = compress_video(
+        loaded, video_path, config, metadata={"video_hash": video_hash}, on_progress=on_progress
+    )
+    with timer.stage("store"):
+        nbytes = store.put(key, artifact)
+    seconds = {
+        **artifact.metadata["report"]["seconds"],
+        "hash": timer.seconds["hash"],
+        "store": timer.seconds["store"],
+    }
+    return IndexResult(artifact, key, False, reason, nbytes, seconds)
 
 
 # ---- answering from the artifact -------------------------------------------------------------------
