@@ -71,6 +71,8 @@ class CompressionConfig:
 PRESETS = {
     # The paper's 7B setting: 2 fps, up to 2048 frames at long side 448, 16K budget, 32-frame chunks.
     "paper-7b": CompressionConfig(),
+    # Seconds on a CPU with the tiny test checkpoints: small frames, a budget that still compresses.
+    "tiny": CompressionConfig(sampling=SamplingConfig(long_side=112), budget=64, chunk_frames=4),
 }
 
 
@@ -160,8 +162,18 @@ def layer_ratios(scores: torch.Tensor, ratio: float, mode: str) -> torch.Tensor:
 
 
 def keep_counts(ratios: torch.Tensor, num_video: int) -> list[int]:
-    """Tokens to keep per layer: floor(r_l K), at least 1 and at most K."""
-    return [min(num_video, max(1, int(r * num_video + 1e-9))) for r in ratios.tolist()]
+    """Tokens to keep per layer, each between 1 and K, summing to floor(sum_l r_l K) (at least one per
+    layer). The 1-token minimum is taken out of that total first and the rest follows the ratios, split by
+    largest remainder: flooring each layer alone would waste budget, lifting layers to 1 would exceed it."""
+    num_layers = len(ratios)
+    exact = ratios.double() * num_video  # [layers]
+    total = max(num_layers, int(float(exact.sum()) + 1e-9))
+    caps = torch.full((num_layers,), num_video - 1.0, dtype=torch.float64)
+    extra = fill_to_caps((exact - 1).clamp_min(0), total - num_layers, caps)
+    counts = extra.floor()
+    shortfall = round(float(extra.sum() - counts.sum()))
+    counts[(extra - counts).argsort(descending=True)[:shortfall]] += 1
+    return (counts + 1).long().tolist()
 
 
 # ---- 4. temporal allocation -------------------------------------------------------------------------
@@ -208,6 +220,34 @@ def reference_keep_counts(
         adjusted = min(1.0, factor * ratio)
         counts.append(min(num_video, max(1, int(max(0.01, adjusted) * num_video))))
     return counts
+
+
+class BudgetLedger:
+    """Holds a video to its budget across chunks: the tokens chunk i may keep over all layers are what the
+    allocation planned up to and including chunk i minus what was kept so far (rounding left-overs move
+    on), never eating into the 1-token-per-layer minimum that every later chunk still needs. The total
+    then never exceeds sum_i r_i K_i L, as long as that allows one token per chunk and layer.
+
+    Args:
+        chunk_ratios (list[float]): r_i per chunk, from the temporal allocation.
+        chunk_tokens (list[int]): K_i per chunk.
+    """
+
+    def __init__(self, chunk_ratios: list[float], chunk_tokens: list[int], num_layers: int) -> None:
+        self.chunk_tokens = chunk_tokens
+        self.num_layers = num_layers
+        planned = torch.tensor(chunk_ratios, dtype=torch.float64) * torch.tensor(chunk_tokens) * num_layers
+        self.planned = planned.cumsum(0).tolist()  # planned total through each chunk
+        self.kept = 0
+
+    def ratio(self, index: int) -> float:
+        """Chunk `index`'s effective ratio, given what earlier chunks kept."""
+        later_minimum = self.num_layers * (len(self.chunk_tokens) - 1 - index)
+        allowance = min(self.planned[index], self.planned[-1] - later_minimum) - self.kept
+        return min(1.0, max(0.0, allowance / (self.num_layers * self.chunk_tokens[index])))
+
+    def spend(self, kept: list[int]) -> None:
+        self.kept += sum(kept)
 
 
 # ---- 5. selection -----------------------------------------------------------------------------------
@@ -351,5 +391,9 @@ def chunk_token_counts(grid_t: int, tokens_per_grid: int, chunk_grids: int) -> l
 
 
 def chunk_distances(grid_distances: torch.Tensor, chunk_grids: int) -> torch.Tensor:
-    """Mean adjacent-grid distance of each chunk: `[num_chunks]`."""
-    return torch.stack([c.mean() for c in grid_distances.split(chunk_grids)])
+    """Mean adjacent-grid distance of each chunk: `[num_chunks]`. The video's first grid has no
+    predecessor, so it is left out of the first chunk's mean rather than counted as a distance of 0."""
+    chunks = list(grid_distances.split(chunk_grids))
+    chunks[0] = chunks[0][1:] if len(chunks[0]) > 1 else grid_distances[1:]
+    overall = grid_distances[1:].mean() if len(grid_distances) > 1 else torch.tensor(0.0)
+    return torch.stack([c.mean() if len(c) else overall for c in chunks])

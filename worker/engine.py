@@ -18,6 +18,7 @@ import torch
 
 from worker.adaretake import (
     ATTENTION_NAME,
+    BudgetLedger,
     ChunkScratch,
     CompressionConfig,
     EvidenceScratch,
@@ -31,12 +32,12 @@ from worker.adaretake import (
     stack_scores,
 )
 from worker.answer import seconds_per_grid
-from worker.artifact import ARTIFACT_FORMAT, ArtifactError, CompressedKV
+from worker.artifact import ARTIFACT_FORMAT, CompressedKV
 from worker.decode import probe, sample_frames
 from worker.generate import embed_tokens, forward, greedy_decode, multimodal_position_ids, new_cache
 from worker.models import LoadedModel
 from worker.prompt import build_prompt
-from worker.storage import ArtifactKey, ArtifactStore, file_sha256, settings_hash
+from worker.storage import ArtifactKey, ArtifactStore, BuildLock, file_sha256, get_or_build, settings_hash
 from worker.timing import StageTimer
 from worker.vision import encode_slices
 
@@ -54,6 +55,7 @@ class VideoLayout:
     """Token arithmetic of one video under one model and sampling."""
 
     num_frames: int
+    duration: float
     grid_thw: tuple[int, int, int]
     tokens_per_grid: int
     seconds_per_grid: float
@@ -69,6 +71,7 @@ def video_layout(loaded: LoadedModel, video_path, config: CompressionConfig) -> 
     grid_h, grid_w = info.out_height // spec.patch_size, info.out_width // spec.patch_size
     return VideoLayout(
         num_frames=info.num_samples,
+        duration=info.duration,
         grid_thw=(math.ceil(info.num_samples / spec.temporal_patch_size), grid_h, grid_w),
         tokens_per_grid=(grid_h // spec.merge_size) * (grid_w // spec.merge_size),
         seconds_per_grid=seconds_per_grid(info, config.sampling, spec.temporal_patch_size),
@@ -91,11 +94,13 @@ def compress_video(
         guide_question (str): score with this question instead of the configured guide prompt
             ("question-guided" mode, as in the paper).
         metadata (dict): extra facts to store in the artifact (e.g. the video's content hash).
-        on_progress: called with (stage, fraction done) as the work advances.
+        on_progress: called with (stage, fraction done) as the work advances: ("decoding", 0) first, then
+            "encoding" and "prefilling" fractions.
     """
     use_adaretake_attention(loaded)
     timer = StageTimer()
     progress = on_progress or (lambda stage, fraction: None)
+    progress("decoding", 0.0)  # frames are decoded as the encoder asks for them: encoding reports next
     layout = video_layout(loaded, video_path, config)
     num_layers = loaded.model.config.get_text_config().num_hidden_layers
     chunk_grids = config.chunk_frames // loaded.vision.temporal_patch_size
@@ -128,6 +133,7 @@ def compress_video(
         token_frames = [[torch.full((len(text0),), -1, dtype=torch.int32)] for _ in range(num_layers)]
         timestamps: list[float] = []
         kept_per_chunk = []
+        ledger = BudgetLedger(chunk_ratios, chunk_tokens, num_layers)
         offset = 0
         for index, (chunk_embeds, chunk_times) in enumerate(slices):
             num_video = chunk_embeds.shape[0]
@@ -148,12 +154,15 @@ def compress_video(
                 )
             with timer.stage("compress"):
                 scores = stack_scores(scratch, num_layers)
-                chunk_ratio = chunk_ratios[index]
+                # The reference variant is not held to a budget: its ratios apply as they are.
+                budgeted = config.temporal_allocation != "reference"
+                chunk_ratio = ledger.ratio(index) if budgeted else chunk_ratios[index]
                 keep = (
                     [num_video] * num_layers
                     if chunk_ratio >= 1
                     else chunk_keep_counts(scores, chunk_ratio, config)
                 )
+                ledger.spend(keep)
                 kept = compress_chunk(cache, scores, keep, num_video, len(guide))
                 first_frame = len(timestamps) - len(chunk_times)
                 for layer_frames, layer_kept in zip(token_frames, kept, strict=True):
@@ -168,6 +177,7 @@ def compress_video(
     lengths = [k.shape[2] for k in keys]
     report = {
         "frames": layout.num_frames,
+        "duration": layout.duration,
         "grid_thw": list(layout.grid_thw),
         "text0_tokens": len(text0),
         "video_tokens_before": layout.num_tokens,
@@ -249,8 +259,10 @@ class IndexResult:
     Args:
         hit (bool): loaded from the store rather than compressed now.
         reason (str): why it was compressed ("absent", or "corrupt: ..." when the stored one was rejected).
-        seconds (dict[str, float]): "hash" and "load" on a hit; the compression's stages and "store" on a
-            miss.
+        seconds (dict[str, float]): "hash" (unless the hash was given), "load" and, with a lock, "wait"; on
+            a miss also the compression's stages and "store".
+        tier (str): the store tier that had it ("memory", "disk"), "none" when compressed now.
+        waited (bool): another worker was compressing it; this call waited for its result.
     """
 
     artifact: CompressedKV
@@ -259,6 +271,8 @@ class IndexResult:
     reason: str
     nbytes: int
     seconds: dict[str, float]
+    tier: str = "none"
+    waited: bool = False
 
 
 def get_or_compress(
@@ -268,31 +282,31 @@ def get_or_compress(
     config: CompressionConfig = CompressionConfig(),
     *,
     on_progress: Callable[[str, float], None] | None = None,
+    lock: BuildLock | None = None,
+    video_hash: str | None = None,
 ) -> IndexResult:
-    """The video's artifact from `store`, compressing and storing it first when absent or corrupt."""
+    """The video's artifact from `store`, compressing and storing it first when absent or corrupt.
+
+    Args:
+        lock: single flight across workers (see `worker.storage.get_or_build`); None in a lone process.
+        video_hash (str): the file's sha256 when already known (an upload hashed on arrival), else computed.
+    """
     timer = StageTimer()
-    with timer.stage("hash"):
-        video_hash = file_sha256(video_path)
+    if video_hash is None:
+        with timer.stage("hash"):
+            video_hash = file_sha256(video_path)
     key = artifact_key(loaded, video_hash, config)
-    reason = "absent"
-    with timer.stage("load"):
-        try:
-            artifact = store.get(key)
-        except ArtifactError as error:  # rebuilt below; the put replaces the damaged blob
-            artifact, reason = None, f"corrupt: {error}"
-    if artifact is not None:
-        return IndexResult(artifact, key, True, "", artifact.nbytes, dict(timer.seconds))
-    artifact = compress_video(
-        loaded, video_path, config, metadata={"video_hash": video_hash}, on_progress=on_progress
-    )
-    with timer.stage("store"):
-        nbytes = store.put(key, artifact)
-    seconds = {
-        **artifact.metadata["report"]["seconds"],
-        "hash": timer.seconds["hash"],
-        "store": timer.seconds["store"],
-    }
-    return IndexResult(artifact, key, False, reason, nbytes, seconds)
+
+    def build() -> CompressedKV:
+        return compress_video(
+            loaded, video_path, config, metadata={"video_hash": video_hash}, on_progress=on_progress
+        )
+
+    got = get_or_build(store, key, build, lock=lock, timer=timer)
+    seconds = dict(timer.seconds)
+    if not got.hit:
+        seconds = {**got.artifact.metadata["report"]["seconds"], **seconds}
+    return IndexResult(got.artifact, key, got.hit, got.reason, got.nbytes, seconds, got.tier, got.waited)
 
 
 # ---- answering from the artifact -------------------------------------------------------------------

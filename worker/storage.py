@@ -1,22 +1,25 @@
 """Where compressed-KV artifacts live: a key, a small store interface, and a directory of files.
 
 In the spirit of LMCache's storage backends: the engine depends on `ArtifactStore` only, and tiers (this
-disk store; later an in-process LRU and a Redis index) are implementations behind it.
+disk store; the in-process LRU and the Redis-indexed disk tier of worker/tiers.py) are implementations
+behind it. `get_or_build` is the read-through every caller uses: look up, else build once and store.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from worker.artifact import CompressedKV, load_artifact, save_artifact
+from worker.artifact import ArtifactError, CompressedKV, load_artifact, save_artifact
+from worker.timing import StageTimer
 
 KEY_VERSION = "v1"  # first part of every key string; bump when the key layout changes
 _HEX = re.compile(r"[0-9a-f]{8,128}")
@@ -63,7 +66,13 @@ class ArtifactKey:
 
 
 class ArtifactStore(ABC):
-    """A place to keep artifacts by key. Usable as a context manager, which closes it."""
+    """A place to keep artifacts by key. Usable as a context manager, which closes it.
+
+    `tier` names the store in cache reports ("memory", "disk"); a store made of several tiers overrides
+    `get_with_tier` to say which one answered.
+    """
+
+    tier: str = "store"
 
     @abstractmethod
     def put(self, key: ArtifactKey, artifact: CompressedKV) -> int:
@@ -82,6 +91,11 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def keys(self) -> Iterator[ArtifactKey]: ...
+
+    def get_with_tier(self, key: ArtifactKey) -> tuple[CompressedKV | None, str]:
+        """`get`, and the name of the tier that had it ("none" on a miss)."""
+        artifact = self.get(key)
+        return artifact, self.tier if artifact is not None else "none"
 
     def close(self) -> None:  # noqa: B027 (deliberately optional: a disk store holds nothing open)
         """Release connections or handles, if any."""
@@ -105,6 +119,7 @@ class DiskStore(ArtifactStore):
     """
 
     SUFFIX = ".safetensors"
+    tier = "disk"
 
     def __init__(self, root: Path, device: str | torch.device = "cpu") -> None:
         self.root = Path(root)
@@ -151,6 +166,78 @@ class DiskStore(ArtifactStore):
             return self.path_for(key).stat().st_size
         except FileNotFoundError:
             return None
+
+
+# ---- read-through with single flight -------------------------------------------------------------
+
+# A lock factory for `get_or_build`: a context manager per key that is entered once the caller may build
+# the artifact, and yields whether it had to wait for another builder first.
+BuildLock = Callable[[ArtifactKey], contextlib.AbstractContextManager[bool]]
+
+
+@dataclass
+class Obtained:
+    """An artifact and how `get_or_build` got it.
+
+    Args:
+        hit (bool): found in the store (possibly after waiting for another builder), not built here.
+        tier (str): the tier that had it ("memory", "disk"), or "none" when it was built here.
+        reason (str): "" on a hit; why it was built: "absent", or "corrupt: ..." when the stored one was
+            refused (the put replaces it).
+        nbytes (int): bytes of the artifact as stored (or held in memory on a memory hit).
+        waited (bool): another builder held the key's lock first.
+    """
+
+    artifact: CompressedKV
+    hit: bool
+    tier: str
+    reason: str
+    nbytes: int
+    waited: bool = False
+
+
+def get_or_build(
+    store: ArtifactStore,
+    key: ArtifactKey,
+    build: Callable[[], CompressedKV],
+    *,
+    lock: BuildLock | None = None,
+    timer: StageTimer | None = None,
+) -> Obtained:
+    """The artifact under `key`, building and storing it first when it is absent or damaged.
+
+    With a `lock`, concurrent callers (threads, processes, machines sharing the store) build a key once:
+    the first builds under the lock; the others wait for it, then find the artifact in the store.
+    `timer`, when given, is charged "load", "wait" and "store" seconds.
+    """
+    timer = timer or StageTimer()
+    with timer.stage("load"):
+        artifact, tier, reason = _lookup(store, key)
+    if artifact is not None:
+        return Obtained(artifact, True, tier, "", artifact.nbytes)
+    with contextlib.ExitStack() as stack:
+        waited = False
+        if lock is not None:
+            with timer.stage("wait"):
+                waited = stack.enter_context(lock(key))
+            with timer.stage("load"):  # built by whoever held the lock before us?
+                artifact, tier, again = _lookup(store, key)
+            if artifact is not None:
+                return Obtained(artifact, True, tier, "", artifact.nbytes, waited)
+            reason = reason if reason.startswith("corrupt") else again
+        artifact = build()
+        with timer.stage("store"):
+            nbytes = store.put(key, artifact)
+    return Obtained(artifact, False, "none", reason, nbytes, waited)
+
+
+def _lookup(store: ArtifactStore, key: ArtifactKey) -> tuple[CompressedKV | None, str, str]:
+    """(artifact or None, tier, why it is missing). A damaged artifact is a miss: it gets rebuilt."""
+    try:
+        artifact, tier = store.get_with_tier(key)
+    except ArtifactError as error:
+        return None, "none", f"corrupt: {error}"
+    return artifact, tier, "absent"
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

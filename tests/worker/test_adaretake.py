@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from worker.adaretake import (
+    BudgetLedger,
     CompressionConfig,
     bottom_right_causal_mask,
     chunk_keep_counts,
@@ -144,3 +145,20 @@ def test_bottom_right_mask():
 def test_config_rejects_nonsense(field, value):
     with pytest.raises(ValueError):
         CompressionConfig(**{field: value})
+
+
+@pytest.mark.parametrize("mode", ["adakv", "even", "pyramid"])
+@pytest.mark.parametrize("video_budget", [9, 20, 100, 1000])
+def test_budget_ledger_holds_the_video_to_its_budget(mode, video_budget):
+    """Down to one token per chunk and layer, whatever the chunks' shares and the layers' skew."""
+    generator = torch.Generator().manual_seed(video_budget)
+    chunk_tokens, layers = [48] * 8 + [24], 4
+    distances = torch.rand(9, generator=generator) ** 3
+    ledger = BudgetLedger(paper_chunk_ratios(distances, chunk_tokens, video_budget), chunk_tokens, layers)
+    for index, tokens in enumerate(chunk_tokens):
+        scores = torch.rand(layers, tokens, generator=generator) ** 8
+        keep = keep_counts(layer_ratios(scores, ledger.ratio(index), mode), tokens)
+        assert all(1 <= k <= tokens for k in keep)
+        ledger.spend(keep)
+    assert ledger.kept <= layers * video_budget
+    assert ledger.kept >= min(layers * video_budget, layers * sum(chunk_tokens)) - layers
