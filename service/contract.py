@@ -1,0 +1,180 @@
+"""The contract between the API tier and the workers: settings, task names, states and Redis keys.
+
+Both tiers import this module and nothing else of each other. It imports neither torch nor FastAPI nor
+Celery, so the API image stays small and workers do not pull the web stack.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# ---- task names: the API enqueues by name (celery_app.send_task), never by importing worker code -----
+
+INDEX_TASK = "worker.tasks.index_video"
+ANSWER_TASK = "worker.tasks.answer"
+GPU_QUEUE = "gpu"
+
+
+# ---- states ------------------------------------------------------------------------------------------
+
+
+class VideoStatus(StrEnum):
+    QUEUED = "queued"
+    DECODING = "decoding"
+    ENCODING = "encoding"
+    PREFILLING = "prefilling"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    WAITING_FOR_INDEX = "waiting_for_index"  # the video is still being indexed by another job
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+TERMINAL_JOB_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED})
+
+
+class AskMode(StrEnum):
+    CACHED = "cached"  # the video's compressed cache, built once with a generic guide prompt
+    QUESTION_GUIDED = "question_guided"  # compressed anew with the question as the guide (slower)
+
+
+class CacheTier(StrEnum):
+    MEMORY = "memory"  # the worker process's LRU (GPU memory on GPU workers)
+    DISK = "disk"  # the shared volume
+    NONE = "none"  # compressed for this request (miss, or question-guided)
+
+
+# ---- Redis key layout --------------------------------------------------------------------------------
+
+
+class Keys:
+    """Every Redis key the service uses, in one place. `prefix` namespaces a deployment."""
+
+    def __init__(self, prefix: str = "videoqa") -> None:
+        self.prefix = prefix
+
+    def video(self, video_id: str) -> str:
+        """Hash: the video record (tenant, sha256, status, progress, facts, error)."""
+        return f"{self.prefix}:video:{video_id}"
+
+    def tenant_videos(self, tenant: str) -> str:
+        """Sorted set: the tenant's video ids scored by creation time (pagination)."""
+        return f"{self.prefix}:tenant:{tenant}:videos"
+
+    def tenant_sha(self, tenant: str, sha256: str) -> str:
+        """String: the tenant's video id for this content (same bytes uploaded again -> same video)."""
+        return f"{self.prefix}:tenant:{tenant}:sha:{sha256}"
+
+    def job(self, job_id: str) -> str:
+        """Hash: the job record (tenant, video, kind, status, answer, cache facts, timings, evidence)."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def job_events(self, job_id: str) -> str:
+        """Stream: the job's progress and answer-token events, for Server-Sent Events."""
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def video_jobs(self, video_id: str) -> str:
+        """Set: ids of every job about a video (deleted with it)."""
+        return f"{self.prefix}:video:{video_id}:jobs"
+
+    def artifact(self, artifact_key: str) -> str:
+        """Hash: the index entry of one compressed artifact (bytes, tier, last use, metadata)."""
+        return f"{self.prefix}:artifact:{artifact_key}"
+
+    def artifact_lru(self) -> str:
+        """Sorted set: artifact keys on disk scored by last use, for the disk tier's LRU eviction."""
+        return f"{self.prefix}:artifacts:lru"
+
+    def artifact_users(self, artifact_key: str) -> str:
+        """Set: video ids whose index is this artifact (identical bytes of several tenants share one)."""
+        return f"{self.prefix}:artifact:{artifact_key}:videos"
+
+    def lock(self, artifact_key: str) -> str:
+        """String with a TTL: single-flight lock while one worker builds this artifact."""
+        return f"{self.prefix}:lock:{artifact_key}"
+
+    def workers(self) -> str:
+        """Hash: worker name -> last heartbeat (unix seconds), for /readyz."""
+        return f"{self.prefix}:workers"
+
+    def counter(self, name: str) -> str:
+        """Hash of counters shared by all processes (cache hits/misses by tier, ...), for /metrics."""
+        return f"{self.prefix}:metrics:{name}"
+
+
+# ---- settings ---------------------------------------------------------------------------------------
+
+
+class Settings(BaseSettings):
+    """One per process, from VIDEOQA_* environment variables. Fails fast on nonsense."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDEOQA_", frozen=True)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "videoqa"
+    data_dir: Path = Path("./data")  # uploads/ and artifacts/ live here: a volume shared by API and workers
+    max_upload_bytes: int = Field(default=4 * 1024**3, gt=0)
+    max_question_chars: int = Field(default=2000, gt=0)
+    max_new_tokens_limit: int = Field(default=1024, gt=0)
+    # "key" or "key:tenant" entries, comma-separated; empty: no authentication, one tenant "public".
+    api_keys: str = ""
+    cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser
+    long_poll_max_seconds: float = Field(default=30.0, ge=0)
+    # workers
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    device: str = "auto"
+    dtype: str = "auto"
+    preset: str = "paper-7b"
+    memory_cache_bytes: int = Field(default=8 * 1024**3, ge=0)
+    disk_cache_bytes: int = Field(default=200 * 1024**3, ge=0)
+    task_time_limit: int = Field(default=3600, gt=0)  # seconds; soft limit is 60 s earlier
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {value!r}")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys_well_formed(cls, value: str) -> str:
+        for entry in filter(None, (e.strip() for e in value.split(","))):
+            key = entry.split(":", 1)[0]
+            if len(key) < 16:
+                raise ValueError("every API key must be at least 16 characters long")
+        return value
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.key_prefix)
+
+    def tenants_by_key(self) -> dict[str, str]:
+        """API key -> tenant. A key without ":tenant" is its own tenant, named by a hash of the key."""
+        import hashlib
+
+        tenants = {}
+        for entry in filter(None, (e.strip() for e in self.api_keys.split(","))):
+            key, _, tenant = entry.partition(":")
+            tenants[key] = tenant or "t" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        return tenants
+
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]

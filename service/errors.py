@@ -1,0 +1,128 @@
+"""Errors are data: every failure is {"error": {"code": ..., "message": ...}} with a stable code.
+
+Codes: bad_request, malformed_json, validation_error, question_empty, question_too_long, empty_upload,
+invalid_multipart, missing_file, unauthorized, not_found, method_not_allowed, video_failed,
+payload_too_large, unsupported_media_type, multipart_required, redis_unavailable, no_workers,
+queue_unavailable, internal_error.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.schemas import ErrorBody
+
+log = logging.getLogger(__name__)
+
+_CODE_BY_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    503: "unavailable",
+}
+
+
+class APIError(Exception):
+    """Raise anywhere in a request: becomes the JSON error body with this status and code."""
+
+    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status_code, self.code, self.message, self.headers = status_code, code, message, headers
+
+
+def not_found(what: str) -> APIError:
+    # The same answer whether the thing does not exist or belongs to another tenant: ids never leak.
+    return APIError(404, "not_found", f"{what} not found")
+
+
+def error_response(status_code: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    body = ErrorBody.model_validate({"error": {"code": code, "message": message}})
+    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
+
+
+def responses(*status_codes: int) -> dict[int | str, dict]:
+    """OpenAPI `responses=` entries documenting the error body for these statuses."""
+    return {status: {"model": ErrorBody} for status in status_codes}
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+    return f"{where}: {error.get('msg', 'invalid')}" if where else error.get("msg", "invalid")
+
+
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(error.get("type") == "json_invalid" for error in errors):
+        return error_response(400, "malformed_json", "the request body is not valid JSON")
+    return error_response(422, "validation_error", "; ".join(_describe(error) for error in errors))
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = _CODE_BY_STATUS.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+
+async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+    log.warning("redis error on %s %s: %s", request.method, request.url.path, exc)
+    message = "the job store is unavailable; retry later"
+    return error_response(503, "redis_unavailable", message, {"Retry-After": "5"})
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "internal error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error with ErrorBody, and say so in the OpenAPI document."""
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(redis.ConnectionError, _redis_down)
+    app.add_exception_handler(redis.TimeoutError, _redis_down)
+    app.add_exception_handler(Exception, _unexpected)
+    app.openapi = lambda: _openapi_with_error_body(app)
+
+
+def _openapi_with_error_body(app: FastAPI) -> dict:
+    """FastAPI documents its own 422 body (HTTPValidationError); ours is ErrorBody: point there instead."""
+    if app.openapi_schema is None:
+        document = get_openapi(
+            title=app.title,
+            version=app.version,
+            summary=app.summary,
+            routes=app.routes,
+            tags=app.openapi_tags,
+        )
+        schemas = document.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        app.openapi_schema = _replace_refs(document, "#/components/schemas/HTTPValidationError",
+                                           "#/components/schemas/ErrorBody")  # fmt: skip
+    return app.openapi_schema
+
+
+def _replace_refs(node, old: str, new: str):
+    if isinstance(node, dict):
+        return {key: new if key == "$ref" and value == old else _replace_refs(value, old, new)
+                for key, value in node.items()}  # fmt: skip
+    if isinstance(node, list):
+        return [_replace_refs(item, old, new) for item in node]
+    return node

@@ -1,0 +1,64 @@
+"""The ASGI app: `uvicorn service.main:app`. Builds clients lazily: importing this connects to nothing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+import redis
+import redis.asyncio
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.contract import Settings
+from service.errors import install_error_handlers
+from service.limits import BodyLimitMiddleware
+from service.metrics import Metrics, MetricsMiddleware
+from service.queue import TaskQueue
+from service.records import Records
+from service.routers import asks, health, jobs, videos
+from service.uploads import incoming_dir, sweep_incoming
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for these settings (default: from VIDEOQA_* environment variables)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Created here, on the serving event loop; the long-poll and SSE routes block on it.
+        app.state.async_redis = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
+        await anyio.to_thread.run_sync(sweep_incoming, incoming_dir(settings))
+        yield
+        await app.state.async_redis.aclose()
+        app.state.records.client.close()
+        app.state.queue.close()
+
+    app = FastAPI(
+        title="videoqa", version="0.1.0", summary="Question answering over long videos.", lifespan=lifespan,
+        generate_unique_id_function=lambda route: f"{route.tags[0]}-{route.name}",  # readable client methods
+    )  # fmt: skip
+    app.state.settings = settings
+    app.state.tenants_by_key = settings.tenants_by_key()
+    client = redis.Redis.from_url(
+        settings.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10
+    )  # connects on first use, not here
+    app.state.records = Records(client, settings.keys)
+    app.state.queue = TaskQueue(settings)
+    app.state.metrics = Metrics(app.state.records)
+
+    for router in (videos.router, asks.router, jobs.router, health.router):
+        app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, streamed=frozenset({("POST", "/videos")}))
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if origins := settings.cors_origin_list():
+        app.add_middleware(
+            CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
+            expose_headers=["Location", "Retry-After"],
+        )  # fmt: skip
+    return app
+
+
+app = create_app()

@@ -1,0 +1,67 @@
+"""Asking a question about a video: creates an answer job for the GPU workers."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Response
+
+from service.contract import JobStatus, VideoStatus
+from service.deps import QueueDep, RecordsDep, SettingsDep, TenantDep
+from service.errors import APIError, not_found, responses
+from service.schemas import AskCreate, JobPublic
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/ask", tags=["asks"])
+
+ANSWER_RETRY_AFTER_S = 2
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobPublic,
+    responses=responses(400, 401, 404, 409, 413, 422, 503),
+)
+def ask(
+    body: AskCreate, response: Response, settings: SettingsDep, records: RecordsDep, queue: QueueDep,
+    tenant: TenantDep,
+) -> JobPublic:  # fmt: skip
+    """Ask a question about a video; poll the returned job (or stream its events) for the answer."""
+    question = body.question.strip()
+    if not question:
+        raise APIError(422, "question_empty", "the question is empty")
+    if len(question) > settings.max_question_chars:
+        raise APIError(422, "question_too_long",
+                       f"the question is longer than {settings.max_question_chars} characters")  # fmt: skip
+    max_new_tokens = body.max_new_tokens
+    if "max_new_tokens" not in body.model_fields_set:  # the default never exceeds the configured limit
+        max_new_tokens = min(max_new_tokens, settings.max_new_tokens_limit)
+    if max_new_tokens > settings.max_new_tokens_limit:
+        raise APIError(422, "validation_error",
+                       f"max_new_tokens: at most {settings.max_new_tokens_limit}")  # fmt: skip
+    video = records.get_video(body.video_id, tenant)
+    if video is None:
+        raise not_found("video")
+    if video["status"] == VideoStatus.FAILED:
+        raise APIError(409, "video_failed",
+                       f"the video failed to index ({video.get('error_code')}): upload it again")  # fmt: skip
+    try:
+        job = records.create_job(
+            tenant=tenant, video_id=video["id"], kind="answer",
+            question=question, mode=body.mode.value, max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+    except LookupError:
+        raise not_found("video") from None
+    try:
+        queue.answer(job["id"])
+    except Exception as exc:
+        log.error("could not enqueue %s: %s", job["id"], exc)
+        message = "the task queue is unavailable; ask again later"
+        error = {"error_code": "queue_unavailable", "error_message": message}
+        records.update_job(job["id"], status=JobStatus.FAILED, **error)
+        raise APIError(503, "queue_unavailable", message, headers={"Retry-After": "10"}) from exc
+    response.headers["Location"] = f"/jobs/{job['id']}"
+    response.headers["Retry-After"] = str(ANSWER_RETRY_AFTER_S)
+    return JobPublic.from_record(job)

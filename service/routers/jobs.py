@@ -1,0 +1,121 @@
+"""Jobs: read one (optionally long-polling until it finishes) or follow its events as Server-Sent Events."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import redis.asyncio
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.contract import TERMINAL_JOB_STATES
+from service.deps import AsyncRedisDep, RecordsDep, SettingsDep, TenantDep
+from service.errors import not_found, responses
+from service.records import Records, decode_events
+from service.schemas import JobPublic
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+SSE_KEEPALIVE_S = 15.0
+WAKING_EVENTS = frozenset({"status", "done"})  # events after which the job record may have changed state
+STREAM_ID_PATTERN = r"^\d{1,20}-\d{1,20}$"
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=responses(401, 404, 422))
+async def get_job(
+    job_id: str,
+    settings: SettingsDep,
+    records: RecordsDep,
+    aredis: AsyncRedisDep,
+    tenant: TenantDep,
+    wait: Annotated[float, Query(ge=0, description="Long-poll: wait up to this many seconds "
+                                 "(capped at VIDEOQA_LONG_POLL_MAX_SECONDS) for the job to finish.")] = 0,
+) -> JobPublic:  # fmt: skip
+    """A job: status, answer, cache facts, timings, evidence; with `wait`, returns as soon as it finishes."""
+    stream = records.keys.job_events(job_id)
+    wait = min(wait, settings.long_poll_max_seconds)
+    # The stream position BEFORE reading the record: a state change after the read is an event after it.
+    after = await _last_event_id(aredis, stream) if wait > 0 else "0-0"
+    job = await run_in_threadpool(records.get_job, job_id, tenant)
+    if job is None:
+        raise not_found("job")
+    deadline = time.monotonic() + wait
+    while job["status"] not in TERMINAL_JOB_STATES and (remaining := deadline - time.monotonic()) > 0:
+        # XREAD BLOCK on redis.asyncio: waiting holds a connection, never a thread or the event loop.
+        events = decode_events(
+            await aredis.xread({stream: after}, block=max(1, int(remaining * 1000)), count=100)
+        )
+        if events:
+            after = events[-1][0]
+            if not WAKING_EVENTS.intersection(kind for _, kind, _ in events):
+                continue
+        job = await run_in_threadpool(records.get_job, job_id, tenant)
+        if job is None:
+            raise not_found("job")
+        if not events:
+            break  # timed out
+    return JobPublic.from_record(job)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    response_model=None,
+    responses={
+        200: {
+            "description": "`event: status|progress|token|done`, `data: <json>`, `id: <stream id>`; "
+            "ends after `done`. Reconnect with Last-Event-ID to resume.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **responses(401, 404, 422),
+    },
+)
+async def job_events(
+    job_id: str,
+    records: RecordsDep,
+    aredis: AsyncRedisDep,
+    tenant: TenantDep,
+    last_event_id: Annotated[str | None, Header(pattern=STREAM_ID_PATTERN)] = None,
+) -> StreamingResponse:
+    """Follow a job as Server-Sent Events: status changes, progress, answer tokens, then done."""
+    job = await run_in_threadpool(records.get_job, job_id, tenant)
+    if job is None:
+        raise not_found("job")
+    return StreamingResponse(
+        _event_stream(records, aredis, job_id, tenant, last_event_id or "0-0"),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _event_stream(
+    records: Records, aredis: redis.asyncio.Redis, job_id: str, tenant: str, after: str
+) -> AsyncIterator[str]:
+    stream = records.keys.job_events(job_id)
+    while True:
+        response = await aredis.xread({stream: after}, block=int(SSE_KEEPALIVE_S * 1000), count=100)
+        events = decode_events(response)
+        for event_id, kind, data in events:
+            yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+            after = event_id
+            if kind == "done":
+                return
+        if events:
+            continue
+        job = await run_in_threadpool(records.get_job, job_id, tenant)
+        if job is None:
+            return  # deleted with its video
+        if job["status"] in TERMINAL_JOB_STATES:
+            # Finished without a "done" event (a worker that died mid-task, failed by a sweeper): end anyway.
+            yield f"event: done\ndata: {json.dumps({'status': job['status']})}\n\n"
+            return
+        yield ": keep-alive\n\n"
+
+
+async def _last_event_id(aredis: redis.asyncio.Redis, stream: str) -> str:
+    newest = await aredis.xrevrange(stream, count=1)
+    return newest[0][0] if newest else "0-0"

@@ -1,0 +1,171 @@
+"""The API's request and response bodies: records (service.records) are dicts, these the public shape."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.contract import AskMode, CacheTier, JobStatus, VideoStatus
+
+
+def iso(unix: float | None) -> datetime | None:
+    return None if unix is None else datetime.fromtimestamp(unix, tz=UTC)
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. not_found, question_empty.")
+    message: str = Field(description="Human-readable explanation; never a stack trace.")
+
+
+class ErrorBody(BaseModel):
+    """Every error response: {"error": {"code": ..., "message": ...}}."""
+
+    error: ErrorDetail
+
+
+# Record fields published as they are; the others are reshaped (error, timestamps, links, ...).
+_VIDEO_FACTS = (
+    "id", "status", "stage", "progress", "filename", "size_bytes", "sha256", "container", "duration",
+    "frames", "tokens_before", "tokens_after", "artifact_bytes", "cache_tier",
+)  # fmt: skip
+_JOB_FACTS = (
+    "id", "kind", "video_id", "status", "question", "mode", "max_new_tokens", "answer", "token_count",
+    "timings",
+)  # fmt: skip
+
+
+class VideoLinks(BaseModel):
+    self: str
+    index_job: str | None = Field(description="Poll this job (or its events) to follow indexing.")
+
+
+class VideoPublic(BaseModel):
+    """An uploaded video and how far its indexing got."""
+
+    id: str
+    status: VideoStatus
+    stage: str = Field(description="What indexing is doing now, finer than status.")
+    progress: float = Field(ge=0, le=1)
+    filename: str
+    size_bytes: int
+    sha256: str
+    container: str = Field(description="Sniffed from the first bytes: mp4, mov, mkv, webm, avi, mpegts, ...")
+    duration: float | None = Field(description="Seconds, once decoded.")
+    frames: int | None = Field(description="Frames sampled for the model.")
+    tokens_before: int | None = Field(description="Video tokens before compression.")
+    tokens_after: int | None = Field(description="Video tokens kept in the compressed cache.")
+    artifact_bytes: int | None
+    cache_tier: CacheTier | None
+    error: ErrorDetail | None = Field(description="Why indexing failed, when status is failed.")
+    created_at: datetime
+    updated_at: datetime
+    links: VideoLinks
+
+    @classmethod
+    def from_record(cls, record: dict) -> VideoPublic:
+        error = None
+        if record.get("error_code"):
+            error = ErrorDetail(code=record["error_code"], message=record.get("error_message") or "")
+        index_job = record.get("index_job_id")
+        return cls(
+            **{name: record.get(name) for name in _VIDEO_FACTS},
+            error=error,
+            created_at=iso(record["created_at"]),
+            updated_at=iso(record["updated_at"]),
+            links=VideoLinks(self=f"/videos/{record['id']}", index_job=index_job and f"/jobs/{index_job}"),
+        )
+
+
+class VideoList(BaseModel):
+    """A page of the caller's videos, newest first."""
+
+    items: list[VideoPublic]
+    total: int
+    offset: int
+    limit: int
+
+
+class AskCreate(BaseModel):
+    """A question about an uploaded video."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    video_id: str
+    question: str = Field(description="Not blank; at most VIDEOQA_MAX_QUESTION_CHARS characters.")
+    max_new_tokens: int = Field(default=128, ge=1, description="At most VIDEOQA_MAX_NEW_TOKENS_LIMIT.")
+    mode: AskMode = AskMode.CACHED
+
+
+class CacheInfo(BaseModel):
+    hit: bool | None = Field(description="Whether the compressed cache was reused.")
+    tier: CacheTier | None
+    reason: str | None = Field(description="Why it was or was not a hit.")
+
+
+class Evidence(BaseModel):
+    timeline: list[list[float]] | None = Field(description="[[seconds, share of attention], ...] per frame.")
+    top_moments: list[Any] | None = Field(description="The moments the answer attended to most.")
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str
+    video: str
+
+
+class JobPublic(BaseModel):
+    """Indexing a video or answering a question: its state and, when done, its result."""
+
+    id: str
+    kind: str = Field(description="index or answer")
+    video_id: str
+    status: JobStatus
+    question: str | None
+    mode: AskMode | None
+    max_new_tokens: int | None
+    answer: str | None
+    token_count: int | None
+    cache: CacheInfo | None
+    timings: dict[str, float] | None = Field(description="Seconds per stage.")
+    evidence: Evidence | None
+    error: ErrorDetail | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    links: JobLinks
+
+    @classmethod
+    def from_record(cls, record: dict) -> JobPublic:
+        error = None
+        if record.get("error_code"):
+            error = ErrorDetail(code=record["error_code"], message=record.get("error_message") or "")
+        cache = None
+        if record.get("cache_hit") is not None or record.get("cache_tier") is not None:
+            cache = CacheInfo(hit=record.get("cache_hit"), tier=record.get("cache_tier"),
+                              reason=record.get("cache_reason"))  # fmt: skip
+        evidence = None
+        if record.get("timeline") is not None or record.get("top_moments") is not None:
+            evidence = Evidence(timeline=record.get("timeline"), top_moments=record.get("top_moments"))
+        return cls(
+            **{name: record.get(name) for name in _JOB_FACTS},
+            cache=cache,
+            evidence=evidence,
+            error=error,
+            created_at=iso(record["created_at"]),
+            updated_at=iso(record["updated_at"]),
+            started_at=iso(record.get("started_at")),
+            finished_at=iso(record.get("finished_at")),
+            links=JobLinks(
+                self=f"/jobs/{record['id']}",
+                events=f"/jobs/{record['id']}/events",
+                video=f"/videos/{record['video_id']}",
+            ),  # fmt: skip
+        )
+
+
+class Health(BaseModel):
+    status: str
+    workers: list[str] | None = None

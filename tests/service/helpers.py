@@ -1,0 +1,46 @@
+"""Factories for the API tier's tests: upload bodies and queue inspection. Torch- and PyAV-free, like
+the tier they test (tests/helpers.py encodes videos with PyAV, which the API image does not have)."""
+
+import base64
+import json
+import struct
+
+import redis
+
+from service.contract import GPU_QUEUE
+
+
+def fake_mp4(seed: int = 0, size: int = 2048) -> bytes:
+    """Bytes that sniff as MP4 (an ftyp box), distinct per seed: for tests that never decode."""
+    ftyp = struct.pack(">I", 24) + b"ftypisom" + b"\x00\x00\x02\x00" + b"isomiso2"
+    return ftyp + seed.to_bytes(8, "big") + bytes(size - len(ftyp) - 8)
+
+
+def m4a_header() -> bytes:
+    """The start of an audio-only MPEG-4 file (brand M4A): ISO-BMFF, so the API accepts it."""
+    return struct.pack(">I", 28) + b"ftypM4A " + b"\x00\x00\x00\x00" + b"M4A isommp42" + bytes(4000)
+
+
+def wav_header() -> bytes:
+    """The start of a WAV file: RIFF, but not AVI."""
+    fmt = b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, 8000, 16000, 2, 16)
+    return b"RIFF" + struct.pack("<I", 4036) + b"WAVE" + fmt + b"data" + struct.pack("<I", 4000) + bytes(4000)
+
+
+def queued_tasks(redis_url: str) -> list[tuple[str, list, str]]:
+    """(task name, args, task id) of every message waiting in the GPU queue, oldest first.
+
+    Celery's Redis transport LPUSHes JSON messages onto a list named after the queue; the task name is in
+    the message headers (protocol 2) and the body is base64 JSON [args, kwargs, embed].
+    """
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        raw = client.lrange(GPU_QUEUE, 0, -1)
+    finally:
+        client.close()
+    tasks = []
+    for message in reversed(raw):
+        envelope = json.loads(message)
+        args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        tasks.append((envelope["headers"]["task"], args, envelope["headers"]["id"]))
+    return tasks
