@@ -1,5 +1,5 @@
 """`videoqa`: index a video once, then answer questions from its compressed cache (embedded mode: no
-Redis or Celery needed)."""
+Redis or Celery needed); or `videoqa serve` the whole service (API, a worker, Redis) on this machine."""
 
 from __future__ import annotations
 
@@ -165,6 +165,12 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from worker.serve import serve
+
+    return serve(args.host, args.port, args.model, args.data_dir)
+
+
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     from worker.adaretake import LAYER_ALLOCATIONS, TEMPORAL_ALLOCATIONS, CompressionConfig
     from worker.models import DEFAULT_MODEL_ID
@@ -195,10 +201,40 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(engine_commands: bool = True) -> argparse.ArgumentParser:
+    """The `videoqa` parser. `engine_commands=False` leaves out index and ask, whose defaults come from the
+    engine's modules: `serve` only supervises processes and should not pay for importing torch."""
     parser = argparse.ArgumentParser(prog="videoqa", description="Long-video question answering.")
     commands = parser.add_subparsers(dest="command", required=True)
+    if engine_commands:
+        _add_engine_commands(commands)
 
+    tiny = commands.add_parser("make-tiny", help="build tiny random Qwen2.5-VL and Qwen2-VL checkpoints")
+    tiny.add_argument("dir", type=Path)
+    tiny.set_defaults(run=_cmd_make_tiny)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the service here: the API, one worker and (without VIDEOQA_REDIS_URL) a redis-server",
+        description="Run the HTTP API (uvicorn) and one Celery worker, plus a redis-server on a free port "
+        "when VIDEOQA_REDIS_URL is not set. Other settings come from VIDEOQA_* variables (VIDEOQA_DEVICE, "
+        "VIDEOQA_PRESET, VIDEOQA_API_KEYS, ...). Ctrl-C or SIGTERM stops everything.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="interface for the API (%(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port for the API (%(default)s)")
+    serve.add_argument(
+        "--model", help="checkpoint path or model id (default: VIDEOQA_MODEL, else Qwen2.5-VL-7B)"
+    )
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        help="uploads, artifacts and Redis data (default: VIDEOQA_DATA_DIR, else ./data)",
+    )
+    serve.set_defaults(run=_cmd_serve)
+    return parser
+
+
+def _add_engine_commands(commands) -> None:
     index = commands.add_parser("index", help="compress a video into the cache (once per video and settings)")
     _add_engine_arguments(index)
     index.set_defaults(run=_cmd_index)
@@ -216,14 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.set_defaults(run=_cmd_ask)
 
-    tiny = commands.add_parser("make-tiny", help="build tiny random Qwen2.5-VL and Qwen2-VL checkpoints")
-    tiny.add_argument("dir", type=Path)
-    tiny.set_defaults(run=_cmd_make_tiny)
-    return parser
-
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(engine_commands=argv[:1] != ["serve"]).parse_args(argv)
     try:
         return args.run(args)
     except ValueError as error:  # bad settings, unsupported checkpoints: a message, not a traceback

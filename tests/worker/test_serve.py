@@ -1,0 +1,117 @@
+"""`videoqa serve`: a real redis-server, API and Celery worker as child processes, stopped without orphans."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from worker.cli import main
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Serve:
+    def __init__(self, tiny_models, tmp_path: Path) -> None:
+        self.port = free_port()
+        self.log = tmp_path / "serve.log"
+        env = {name: value for name, value in os.environ.items() if not name.startswith("VIDEOQA_")}
+        env |= {"VIDEOQA_PRESET": "tiny", "VIDEOQA_DEVICE": "cpu"}  # no VIDEOQA_REDIS_URL: serve starts one
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "worker.cli", "serve", "--port", str(self.port),
+                 "--model", str(tiny_models["qwen2_5_vl"]), "--data-dir", str(tmp_path / "data")],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        ready = set()
+        while time.monotonic() < deadline and ready != {"/healthz", "/readyz"}:
+            assert self.process.poll() is None, self.log.read_text()
+            for path in ("/healthz", "/readyz"):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=2).status_code == 200:
+                        ready.add(path)
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.2)
+        assert ready == {"/healthz", "/readyz"}, self.log.read_text()
+
+    def close(self) -> None:
+        for pid in descendants(self.process.pid):
+            os.kill(pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def served(tiny_models, tmp_path):
+    serve = Serve(tiny_models, tmp_path)
+    yield serve
+    serve.close()
+
+
+@pytest.mark.slow
+def test_serve_comes_up_and_sigterm_stops_everything(served):
+    served.wait_ready()
+    children = descendants(served.process.pid)
+    commands = " ".join(Path(f"/proc/{pid}/cmdline").read_text() for pid in children)
+    assert "redis-server" in commands and "uvicorn" in commands and "celery" in commands
+    log = served.log.read_text()
+    assert (
+        "started redis-server on redis://127.0.0.1:" in log
+        and f"API on http://127.0.0.1:{served.port}" in log
+    )
+
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=60) == 0
+    assert [pid for pid in children if alive(pid)] == []
+
+
+@pytest.mark.slow
+def test_serve_exits_non_zero_when_a_child_dies(served):
+    served.wait_ready()
+    children = descendants(served.process.pid)
+    api = next(pid for pid in children if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    os.kill(api, signal.SIGKILL)
+    assert served.process.wait(timeout=60) == 1
+    assert "the API exited with code -9; stopping" in served.log.read_text()
+    assert [pid for pid in children if alive(pid)] == []
+
+
+def test_serve_without_redis_says_how_to_get_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("VIDEOQA_REDIS_URL", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server on it
+    assert main(["serve", "--data-dir", str(tmp_path / "data")]) == 2
+    message = capsys.readouterr().err
+    assert "VIDEOQA_REDIS_URL" in message and "apt-get install redis-server" in message

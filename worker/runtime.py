@@ -1,0 +1,145 @@
+"""What one worker process holds: its settings, Redis and `Records`, the model (loaded once) and the cache
+tiers; plus the heartbeat that tells the API the worker is alive.
+
+Celery tasks reach it through `current()`; tests build their own `WorkerRuntime(Settings(...))`. Nothing
+here knows about Celery.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from service.contract import Settings
+from service.records import Records
+from worker.adaretake import PRESETS, CompressionConfig
+from worker.tiers import DiskTier, MemoryStore, SingleFlight, TieredStore
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 10.0  # the API's /readyz wants a heartbeat younger than 30 s
+
+
+def compression_config(preset: str) -> CompressionConfig:
+    """The named preset (`worker.adaretake.PRESETS`); ValueError naming the choices otherwise."""
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown VIDEOQA_PRESET {preset!r}: choose one of {sorted(PRESETS)}") from None
+
+
+class WorkerRuntime:
+    """One per worker process. The model and the tiers are created on first use (thread-safe), so building a
+    runtime is cheap and a bad preset fails at once, before any model is loaded."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = settings.keys
+        self.config = compression_config(settings.preset)
+        self.client = redis.Redis.from_url(
+            settings.redis_url, decode_responses=True, health_check_interval=30
+        )
+        self.records = Records(self.client, self.keys)
+        self._loaded = None
+        self._store: TieredStore | None = None
+        self._init_lock = threading.Lock()
+
+    @property
+    def loaded(self):
+        """The `LoadedModel`, loaded on first use."""
+        if self._loaded is None:
+            with self._init_lock:
+                if self._loaded is None:
+                    from worker.models import load_model
+
+                    s = self.settings
+                    loaded = load_model(s.model, dtype=s.dtype, device=s.device)
+                    logger.info("model %s (%s) on %s, preset %s", loaded.name, loaded.revision, loaded.device,
+                                s.preset)  # fmt: skip
+                    self._loaded = loaded
+        return self._loaded
+
+    @property
+    def store(self) -> TieredStore:
+        """Memory (on the model's device) over the shared disk tier."""
+        if self._store is None:
+            device = self.loaded.device
+            with self._init_lock:
+                if self._store is None:
+                    s = self.settings
+                    self._store = TieredStore(
+                        MemoryStore(s.memory_cache_bytes, device=device),
+                        DiskTier(s.artifacts_dir, self.client, self.keys, s.disk_cache_bytes, device=device),
+                    )
+        return self._store
+
+    def single_flight(self, on_wait=None) -> SingleFlight:
+        """The build lock for `get_or_compress`: one compression per artifact across all workers."""
+        return SingleFlight(self.client, self.keys, timeout=self.settings.task_time_limit, on_wait=on_wait)
+
+    def warm_up(self) -> None:
+        """Load the model and open the tiers now rather than in the first task."""
+        _ = self.store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        self.client.close()
+
+
+class Heartbeat:
+    """A daemon thread that records `name` as alive in Redis every `interval` seconds until stopped.
+
+    Redis errors are logged and retried at the next beat: a short outage must not kill the worker."""
+
+    def __init__(self, records: Records, name: str, interval: float = HEARTBEAT_SECONDS) -> None:
+        self.records = records
+        self.name = name
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="videoqa-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.records.heartbeat(self.name)
+            except redis.RedisError as error:
+                logger.warning("heartbeat failed: %s", error)
+            if self._stop.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        """Stop beating and remove the entry, so /readyz sees at once that this worker is gone."""
+        self._stop.set()
+        self._thread.join(timeout=self.interval)
+        try:
+            self.records.client.hdel(self.records.keys.workers(), self.name)
+        except redis.RedisError as error:
+            logger.warning("could not remove heartbeat of %s: %s", self.name, error)
+
+
+_current: WorkerRuntime | None = None
+_current_lock = threading.Lock()
+
+
+def current() -> WorkerRuntime:
+    """This process's runtime, from the VIDEOQA_* environment on first use."""
+    global _current
+    if _current is None:
+        with _current_lock:
+            if _current is None:
+                _current = WorkerRuntime(Settings())
+    return _current
+
+
+def install(runtime: WorkerRuntime | None) -> None:
+    """Use `runtime` as this process's (tests), or forget it (None)."""
+    global _current
+    with _current_lock:
+        _current = runtime

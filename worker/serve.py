@@ -1,0 +1,170 @@
+"""`videoqa serve`: the whole service on one machine: the API (uvicorn), one Celery worker and, when no
+VIDEOQA_REDIS_URL is given, a redis-server of its own.
+
+A small supervisor: children run in their own process groups (a Ctrl-C reaches only this process, which
+then stops them in order: worker, API, Redis), and die with it if it is killed (Linux). Any child exiting
+on its own stops the rest and makes `serve` exit non-zero. Torch-free: the worker child loads the model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from service.contract import GPU_QUEUE
+
+STOP_TIMEOUT_S = 30.0  # a worker finishes its current task within this, else it is killed (and redelivered)
+INSTALL_REDIS = (
+    "videoqa serve needs Redis: set VIDEOQA_REDIS_URL=redis://HOST:PORT/0 to use a running one, or install "
+    "redis-server so that serve starts its own (Debian/Ubuntu: apt-get install redis-server; macOS: brew "
+    "install redis)"
+)
+
+
+def _say(text: str) -> None:
+    sys.stderr.write(f"videoqa serve: {text}\n")
+    sys.stderr.flush()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: SIGTERM when the parent dies, so a killed `serve` leaves no orphans."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(args, env=env, process_group=0, preexec_fn=_die_with_parent)
+
+
+def _stop(name: str, process: subprocess.Popen | None, timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM the child (graceful: uvicorn drains, Celery finishes its task), then SIGKILL its group."""
+    if process is None:
+        return
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _say(f"{name} did not stop within {timeout:.0f} s: killing it")
+    try:  # its own children too (a prefork pool), whatever happened to it
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
+
+
+def wait_for_redis(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+    """PING until Redis answers, retrying with backoff; RuntimeError after `timeout` seconds."""
+    import redis
+
+    deadline, delay, error = time.monotonic() + timeout, 0.05, None
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with code {process.returncode}")
+            try:
+                client.ping()
+                return
+            except redis.RedisError as exc:
+                error = exc
+                time.sleep(delay)
+                delay = min(1.0, delay * 2)
+    finally:
+        client.close()
+    raise RuntimeError(f"Redis at {url} did not answer within {timeout:.0f} s ({error})")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def serve(host: str, port: int, model: str | None, data_dir: Path | None) -> int:
+    env = dict(os.environ)
+    if model is not None:
+        env["VIDEOQA_MODEL"] = model
+    if data_dir is not None:
+        env["VIDEOQA_DATA_DIR"] = str(data_dir)
+    data = Path(env.get("VIDEOQA_DATA_DIR", "./data")).resolve()
+
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+
+    redis_server = api = worker = None
+    try:
+        if env.get("VIDEOQA_REDIS_URL"):
+            url = env["VIDEOQA_REDIS_URL"]
+            _say(f"Redis: {url} (VIDEOQA_REDIS_URL)")
+        else:
+            binary = shutil.which("redis-server")
+            if binary is None:
+                _say(INSTALL_REDIS)
+                return 2
+            # A free port rather than 6379: never collides with a Redis already running there, and two
+            # `serve`s can run side by side. Its data (append-only file) lives in the data directory.
+            redis_port = free_port()
+            (data / "redis").mkdir(parents=True, exist_ok=True)
+            redis_server = _spawn(
+                [binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(data / "redis"),
+                 "--appendonly", "yes", "--save", ""],
+                env,
+            )  # fmt: skip
+            url = env["VIDEOQA_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+            _say(f"Redis: started redis-server on {url} (a free port; data in {data / 'redis'})")
+        try:
+            wait_for_redis(url, process=redis_server)
+        except RuntimeError as error:
+            _say(str(error))
+            return 1
+        if stopping.is_set():
+            return 0
+
+        api = _spawn(
+            [sys.executable, "-m", "uvicorn", "service.main:app", "--host", host, "--port", str(port)], env
+        )
+        # prefork with one child: the time limits are enforced (see worker/celery_app.py)
+        worker = _spawn(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", GPU_QUEUE,
+             "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO",
+             "-n", f"videoqa-{os.getpid()}@%h"],
+            env,
+        )  # fmt: skip
+        children = {"the API": api, "the worker": worker, "redis-server": redis_server}
+        base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        announced = False
+        while not stopping.wait(0.2):
+            for name, process in children.items():
+                if process is not None and process.poll() is not None:
+                    _say(f"{name} exited with code {process.returncode}; stopping")
+                    return 1
+            if not announced and _healthy(f"{base}/healthz"):
+                _say(f"API on {base} (docs: {base}/docs; ready once {base}/readyz says a worker is up)")
+                announced = True
+        _say("stopping")
+        return 0
+    finally:
+        _stop("the worker", worker)
+        _stop("the API", api)
+        _stop("redis-server", redis_server)

@@ -1,0 +1,434 @@
+"""The GPU tasks: thin adapters from an id in a message to the engine, and from its results to `Records`.
+
+    index_video(video_id)  decode, encode and compress the upload once (single flight across workers);
+                           the video goes queued -> decoding -> encoding -> prefilling -> ready | failed
+    answer(job_id)         answer from the video's compressed cache (building it on a miss), streaming
+                           tokens as job events; or compress anew with the question as the guide
+
+Both are idempotent (a redelivered message redoes the work or finds it done: artifacts are keyed by
+content and settings) and stop quietly when their video or job was deleted meanwhile. A bad upload fails
+its video with the decoder's error code and is never retried; only named transient Redis errors are.
+The work itself lives in `index_video_job` / `answer_job`, plain functions of a `WorkerRuntime` that tests
+call directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+import torch
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from service.contract import (
+    ANSWER_TASK,
+    INDEX_TASK,
+    TERMINAL_JOB_STATES,
+    AskMode,
+    CacheTier,
+    JobStatus,
+    VideoStatus,
+)
+from service.records import Records
+from worker import runtime as worker_runtime
+from worker.celery_app import app
+from worker.decode import VideoDecodeError
+from worker.engine import IndexResult, answer_from_artifact, compress_video, get_or_compress
+from worker.runtime import WorkerRuntime
+
+logger = logging.getLogger(__name__)
+
+# Errors worth a retry: the broker or the records' Redis blinked. Everything else is a result.
+TRANSIENT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+# The engine reports (stage, fraction); video status only moves forward through these.
+_STAGE_STATUS = {
+    "decoding": VideoStatus.DECODING,
+    "encoding": VideoStatus.ENCODING,
+    "prefilling": VideoStatus.PREFILLING,
+}
+_STATUS_ORDER = [VideoStatus.QUEUED, VideoStatus.DECODING, VideoStatus.ENCODING, VideoStatus.PREFILLING]
+PROGRESS_INTERVAL = 0.5  # seconds between progress writes within one stage
+TOKEN_FLUSH_SECONDS = 0.05  # answer text is streamed in batches at most this old
+
+
+class Gone(Exception):
+    """The video or job was deleted while we worked on it: stop, quietly."""
+
+
+# ---- the Celery face ------------------------------------------------------------------------------------
+
+
+class GpuTask(Task):
+    """Base of the GPU tasks: the process's runtime (one model, one set of tiers), created on first use,
+    and the retry policy for transient errors."""
+
+    autoretry_for = TRANSIENT_ERRORS
+    retry_backoff = True  # 1, 2, 4, ... s (with jitter: a random part of it), at most retry_backoff_max
+    retry_backoff_max = 120
+    retry_jitter = True
+    max_retries = 5
+
+    @property
+    def runtime(self) -> WorkerRuntime:
+        return worker_runtime.current()
+
+
+@app.task(name=INDEX_TASK, base=GpuTask, bind=True)
+def index_video(self: GpuTask, video_id: str) -> None:
+    """Compress the video once into its artifact (or find it), and mark it ready or failed."""
+    index_video_job(self.runtime, video_id)
+
+
+@app.task(name=ANSWER_TASK, base=GpuTask, bind=True)
+def answer(self: GpuTask, job_id: str) -> None:
+    """Answer the job's question about its video, streaming tokens to the job's events."""
+    answer_job(self.runtime, job_id)
+
+
+# ---- index ------------------------------------------------------------------------------------------------
+
+
+def index_video_job(rt: WorkerRuntime, video_id: str) -> None:
+    records = rt.records
+    video = records.get_video(video_id)
+    if video is None:
+        logger.info("index %s: the video is gone", video_id)
+        return
+    job_id = video.get("index_job_id")
+    job = records.get_job(job_id) if job_id else None
+    if video["status"] == VideoStatus.FAILED or (job is not None and job["status"] in TERMINAL_JOB_STATES):
+        return  # a redelivered message for work already recorded as done
+    _set_job_status(records, job_id, JobStatus.RUNNING, started_at=time.time())
+    result = None
+    try:
+        with _recording_failures(rt, video, job_id):
+            result = _index(rt, video, job_id)
+    except Gone:
+        logger.info("index %s: deleted while indexing", video_id)
+        return
+    if result is None:  # failed, and recorded as such
+        return
+    _finish_job(
+        records,
+        job_id,
+        cache_hit=result.hit,
+        cache_tier=result.tier,
+        cache_reason=cache_reason(result),
+        timings=_rounded(_video_timings(result)),
+    )
+
+
+def _index(rt: WorkerRuntime, video: dict, job_id: str | None) -> IndexResult:
+    """The video's artifact via the tiers and the single-flight lock. While it is being built, progress goes
+    to the video (unless it is already ready: a rebuild after eviction) and to the job's events."""
+    records = rt.records
+    path = video_path(rt, video)
+    if not path.is_file():
+        raise UploadMissing(f"{video['filename']}: the uploaded file is missing from the data volume")
+    track_video = video["status"] != VideoStatus.READY
+    progress = _Progress(records, video["id"], job_id, track_video=track_video)
+
+    def on_wait() -> None:  # another worker is compressing this content right now
+        _set_job_status(records, job_id, JobStatus.WAITING_FOR_INDEX)
+
+    result = get_or_compress(
+        rt.loaded,
+        rt.store,
+        path,
+        rt.config,
+        on_progress=progress,
+        lock=rt.single_flight(on_wait),
+        video_hash=video["sha256"],
+    )
+    if result.waited:
+        _set_job_status(records, job_id, JobStatus.RUNNING)
+    if not result.hit:
+        records.incr_counter("engine", "compressions")
+    if result.reason.startswith("corrupt"):
+        records.incr_counter("cache", "corrupt")
+        logger.warning(
+            "artifact %s was damaged and has been rebuilt: %s", result.key.to_string(), result.reason
+        )
+    if track_video or not result.hit:  # a first index, or a rebuild: (re)write the video's facts
+        _mark_ready(rt, video["id"], result)
+    return result
+
+
+def _mark_ready(rt: WorkerRuntime, video_id: str, result: IndexResult) -> None:
+    report = result.artifact.metadata["report"]
+    key = result.key.to_string()
+    timestamps = result.artifact.timestamps
+    # Setting artifact_key also registers the video as a user of the artifact (Records, atomically).
+    updated = rt.records.update_video(
+        video_id,
+        status=VideoStatus.READY,
+        stage="ready",
+        progress=1.0,
+        duration=report.get("duration", timestamps[-1] if timestamps else 0.0),
+        frames=report["frames"],
+        tokens_before=int(report["video_tokens_before"]),
+        tokens_after=round(report["video_tokens_after"]),  # mean over layers
+        artifact_bytes=rt.store.disk.nbytes(result.key) or result.nbytes,
+        cache_tier=CacheTier.DISK,  # where every worker finds it
+        artifact_key=key,
+        error_code=None,
+        error_message=None,
+    )
+    if not updated:
+        raise Gone(video_id)
+
+
+class _Progress:
+    """The engine's (stage, fraction) as video status and progress (0..1) and "progress" job events.
+
+    Only a compression reports progress (a cache hit writes nothing here). It starts with ("decoding", 0);
+    decoding then runs interleaved with encoding, so "decoding" is the status until the first slice is
+    encoded. Overall progress is half encoding, half prefilling; status never moves backwards. Writes are
+    throttled to one per PROGRESS_INTERVAL within a stage. Raises Gone when the video (or job) is deleted."""
+
+    def __init__(self, records: Records, video_id: str, job_id: str | None, *, track_video: bool) -> None:
+        self.records = records
+        self.video_id = video_id
+        self.job_id = job_id
+        self.track_video = track_video
+        self.status = VideoStatus.QUEUED
+        self.fractions = {"encoding": 0.0, "prefilling": 0.0}
+        self.last_write = 0.0
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if stage in self.fractions:
+            self.fractions[stage] = max(self.fractions[stage], fraction)
+        status = _STAGE_STATUS.get(stage, self.status)
+        changed = _STATUS_ORDER.index(status) > _STATUS_ORDER.index(self.status)
+        if changed:
+            self.status = status
+        if changed or fraction >= 1 or time.monotonic() - self.last_write >= PROGRESS_INTERVAL:
+            self._write(
+                self.status.value, 0.5 * self.fractions["encoding"] + 0.5 * self.fractions["prefilling"]
+            )
+
+    def _write(self, stage: str, progress: float) -> None:
+        self.last_write = time.monotonic()
+        progress = round(min(1.0, progress), 4)
+        if self.track_video:
+            if not self.records.update_video(
+                self.video_id, status=self.status, stage=stage, progress=progress
+            ):
+                raise Gone(self.video_id)
+        if self.job_id is not None:
+            event = self.records.append_event(self.job_id, "progress", {"stage": stage, "progress": progress})
+            if event is None:
+                raise Gone(self.job_id)
+
+
+# ---- answer -----------------------------------------------------------------------------------------------
+
+
+def answer_job(rt: WorkerRuntime, job_id: str) -> None:
+    records = rt.records
+    job = records.get_job(job_id)
+    if job is None or job["status"] in TERMINAL_JOB_STATES:
+        return  # deleted with its video, or a redelivered message for finished work
+    video = records.get_video(job["video_id"])
+    if video is None:
+        logger.info("answer %s: the video is gone", job_id)
+        return
+    if video["status"] == VideoStatus.FAILED:
+        message = f"the video could not be indexed: {video.get('error_message') or video.get('error_code')}"
+        _fail_job(records, job_id, "video_failed", message)
+        return
+    _set_job_status(records, job_id, JobStatus.RUNNING, started_at=time.time())
+    try:
+        with _recording_failures(rt, video, job_id):
+            _answer(rt, job, video)
+    except Gone:
+        logger.info("answer %s: deleted while answering", job_id)
+
+
+def _answer(rt: WorkerRuntime, job: dict, video: dict) -> None:
+    records, job_id = rt.records, job["id"]
+    question = job["question"]
+    started = time.perf_counter()
+    if job.get("mode") == AskMode.QUESTION_GUIDED:  # compressed for this question only: nothing cached
+        progress = _Progress(records, video["id"], job_id, track_video=False)
+        artifact = compress_video(
+            rt.loaded, video_path(rt, video), rt.config, guide_question=question, on_progress=progress
+        )
+        records.incr_counter("engine", "compressions")
+        video_seconds = artifact.metadata["report"]["seconds"]
+        cache = {"cache_hit": False, "cache_tier": CacheTier.NONE, "cache_reason": "question_guided"}
+        timings = _video_timings_from(video_seconds)
+    else:
+        result = _index(rt, video, job_id)
+        artifact = result.artifact
+        cache = {"cache_hit": result.hit, "cache_tier": result.tier, "cache_reason": cache_reason(result)}
+        records.incr_counter("cache", cache_reason(result))
+        timings = _video_timings(result)
+
+    stream = _TokenStream(records, job_id)
+    reply = answer_from_artifact(
+        rt.loaded, artifact, question, max_new_tokens=job.get("max_new_tokens") or 128, on_text=stream
+    )
+    stream.flush()
+    timings |= {
+        "question_prefill": reply.timings["prefill"],
+        "generate": reply.timings["generate"],
+        "total": time.perf_counter() - started,
+    }
+    _finish_job(
+        records,
+        job_id,
+        answer=reply.text,
+        token_count=len(reply.token_ids),
+        timeline=[[t, share] for t, share in reply.timeline],
+        top_moments=[[t, share] for t, share in reply.top_moments],
+        timings=_rounded(timings),
+        **cache,
+    )
+
+
+class _TokenStream:
+    """Answer text as "token" events ({"text": ...}), batched so a fast decoder does not write per token."""
+
+    def __init__(self, records: Records, job_id: str) -> None:
+        self.records = records
+        self.job_id = job_id
+        self.pending: list[str] = []
+        self.last_flush = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        self.pending.append(text)
+        if time.monotonic() - self.last_flush >= TOKEN_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if self.pending:
+            text, self.pending = "".join(self.pending), []
+            if self.records.append_event(self.job_id, "token", {"text": text}) is None:
+                raise Gone(self.job_id)
+
+
+# ---- records ------------------------------------------------------------------------------------------
+
+
+class UploadMissing(Exception):
+    code = "upload_missing"
+
+
+def video_path(rt: WorkerRuntime, video: dict) -> Path:
+    """The upload's path: as recorded when absolute, else relative to the data directory."""
+    path = Path(video["path"])
+    return path if path.is_absolute() else rt.settings.data_dir / path
+
+
+def cache_reason(result: IndexResult) -> str:
+    """ "hit:memory", "hit:disk", "miss:absent" or "miss:corrupt": also the cache counter's field."""
+    if result.hit:
+        return f"hit:{result.tier}"
+    return "miss:corrupt" if result.reason.startswith("corrupt") else "miss:absent"
+
+
+def _video_timings(result: IndexResult) -> dict[str, float]:
+    return _video_timings_from(result.seconds)
+
+
+def _video_timings_from(seconds: dict[str, float]) -> dict[str, float]:
+    """Seconds per video stage; zeros for the stages a cache hit skipped."""
+    return {
+        "load": seconds.get("load", 0.0),
+        "wait": seconds.get("wait", 0.0),
+        "decode": seconds.get("decode", 0.0),
+        "vision": seconds.get("vision", 0.0),
+        "video_prefill": seconds.get("prefill", 0.0),
+        "compress": seconds.get("compress", 0.0),
+        "store": seconds.get("store", 0.0),
+    }
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {stage: round(value, 4) for stage, value in timings.items()}
+
+
+def _set_job_status(records: Records, job_id: str | None, status: JobStatus, **fields) -> None:
+    """Record first, then the event: readers re-read the record when they see a "status" event."""
+    if job_id is None:
+        return
+    if records.update_job(job_id, status=status, **fields):
+        records.append_event(job_id, "status", {"status": status.value})
+
+
+def _finish_job(records: Records, job_id: str | None, **fields) -> None:
+    if job_id is None:
+        return
+    if records.update_job(job_id, status=JobStatus.SUCCEEDED, finished_at=time.time(), **fields):
+        records.append_event(job_id, "done", {"status": JobStatus.SUCCEEDED.value})
+
+
+def _fail_job(records: Records, job_id: str | None, code: str, message: str) -> None:
+    if job_id is None:
+        return
+    fields = {
+        "status": JobStatus.FAILED,
+        "error_code": code,
+        "error_message": message,
+        "finished_at": time.time(),
+    }
+    if records.update_job(job_id, **fields):
+        records.append_event(job_id, "done", {"status": JobStatus.FAILED.value, "error_code": code})
+
+
+@contextlib.contextmanager
+def _recording_failures(rt: WorkerRuntime, video: dict, job_id: str | None) -> Iterator[None]:
+    """Turn what can go wrong inside a task into records. The task then ends normally and the worker takes
+    the next message:
+
+        bad upload (VideoDecodeError, missing file)  video and job failed with its code; never retried
+        soft time limit                              job failed, "timeout"
+        CUDA out of memory                           job failed, "out_of_memory"; the CUDA cache emptied
+        anything else (a bug, out of memory)         job failed, "internal_error"; logged with traceback
+        transient Redis errors, Gone                 re-raised: the task retries, or stops quietly
+
+    An index job's failure fails its video too (unless the video is ready: then only a rebuild failed).
+    """
+    records = rt.records
+    try:
+        yield
+    except (Gone, *TRANSIENT_ERRORS):
+        raise
+    except (VideoDecodeError, UploadMissing) as error:
+        message = str(error).replace(str(video_path(rt, video)), video["filename"])  # no server paths
+        records.update_video(
+            video["id"],
+            status=VideoStatus.FAILED,
+            stage="failed",
+            error_code=error.code,
+            error_message=message,
+        )
+        _fail_job(records, job_id, error.code, message)
+        logger.info("video %s failed: %s (%s)", video["id"], message, error.code)
+    except Exception as error:
+        if isinstance(error, SoftTimeLimitExceeded):
+            code, message = "timeout", "the task ran past its time limit (VIDEOQA_TASK_TIME_LIMIT)"
+        elif isinstance(error, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()  # give the next task the memory this one was holding
+            code, message = "out_of_memory", "the GPU ran out of memory for this video; try a smaller preset"
+            logger.exception("job %s about video %s ran out of GPU memory", job_id, video["id"])
+        else:
+            code, message = "internal_error", f"the worker failed ({type(error).__name__}); see its log"
+            logger.exception("job %s about video %s failed", job_id, video["id"])
+        if (
+            video["status"] != VideoStatus.READY
+            and job_id is not None
+            and job_id == video.get("index_job_id")
+        ):
+            records.update_video(
+                video["id"], status=VideoStatus.FAILED, stage="failed", error_code=code, error_message=message
+            )
+        _fail_job(records, job_id, code, message)
