@@ -126,13 +126,7 @@ class Records:
 
     def get_video(self, video_id: str, tenant: str | None = None) -> dict | None:
         """The video, or None when absent or owned by another tenant (tenant=None: no check, for workers)."""
-        raw = self.client.hgetall(self.keys.video(video_id))
-        if not raw:
-            return None
-        record = _decode(raw)
-        if tenant is not None and record.get("tenant") != tenant:
-            return None
-        return record
+        return self._get(self.keys.video(video_id), tenant)
 
     def update_video(self, video_id: str, **fields: Any) -> bool:
         """Set fields (and updated_at). False, and nothing written, when the video was deleted.
@@ -237,7 +231,10 @@ class Records:
 
     def get_job(self, job_id: str, tenant: str | None = None) -> dict | None:
         """The job, or None when absent or owned by another tenant (tenant=None: no check, for workers)."""
-        raw = self.client.hgetall(self.keys.job(job_id))
+        return self._get(self.keys.job(job_id), tenant)
+
+    def _get(self, key: str, tenant: str | None) -> dict | None:
+        raw = self.client.hgetall(key)
         if not raw:
             return None
         record = _decode(raw)
