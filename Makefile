@@ -43,3 +43,4 @@ bench: install
 	$(PY) bench/decode.py
 	$(PY) bench/followup.py
 	$(PY) bench/fidelity.py
+	$(PY) bench/api.py
