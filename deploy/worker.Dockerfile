@@ -39,7 +39,10 @@ COPY worker ./worker
 RUN pip install '.[worker,service]' \
     && rm -rf /src
 
-ENV VIDEOQA_DATA_DIR=/data \
+# A fixed mmap threshold: with glibc's dynamic one, the chunk loop's large CPU tensors of varying size
+# fragment the heap and the peak RSS creeps up with the video's length (bench/followup.py).
+ENV MALLOC_MMAP_THRESHOLD_=131072 \
+    VIDEOQA_DATA_DIR=/data \
     VIDEOQA_MODEL=/models/Qwen2.5-VL-7B-Instruct \
     VIDEOQA_DEVICE=cuda \
     HF_HUB_OFFLINE=1 \

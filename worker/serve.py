@@ -144,12 +144,15 @@ def serve(host: str, port: int, model: str | None, data_dir: Path | None) -> int
         api = _spawn(
             [sys.executable, "-m", "uvicorn", "service.main:app", "--host", host, "--port", str(port)], env
         )
+        # A fixed glibc mmap threshold keeps the worker's heap from fragmenting as chunks of varying size
+        # come and go (its peak RSS otherwise creeps up with the video's length: bench/followup.py).
+        worker_env = {"MALLOC_MMAP_THRESHOLD_": "131072", **env}
         # prefork with one child: the time limits are enforced (see worker/celery_app.py)
         worker = _spawn(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", GPU_QUEUE,
              "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO",
              "-n", f"videoqa-{os.getpid()}@%h"],
-            env,
+            worker_env,
         )  # fmt: skip
         children = {"the API": api, "the worker": worker, "redis-server": redis_server}
         base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
