@@ -50,6 +50,7 @@ from redis import Redis
 
 from service.contract import GPU_QUEUE, JobStatus, Keys, VideoStatus
 from service.records import Records
+from worker.serve import free_port
 
 ROOT = Path(__file__).resolve().parents[1]  # as common.ROOT: common itself is imported late (see main)
 SECTION = "## API (bench/api.py)"
@@ -61,12 +62,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ---- processes ------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: float = 30) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.serve import free_port
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
@@ -13,12 +15,6 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from worker.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:
