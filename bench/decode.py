@@ -1,4 +1,4 @@
-"""Benchmark: `worker.decode.sample_frames` against the ffmpeg CLI, on 1- and 10-minute 720p H.264 files.
+"""Benchmark: `worker.engine.decode.sample_frames` against the ffmpeg CLI on 1- and 10-minute 720p H.264.
 
     python bench/decode.py [--runs 3]
 
@@ -24,8 +24,8 @@ from common import DOC, ROOT, looped_bunny, write_section
 
 sys.path.insert(0, str(ROOT))  # runs from a checkout, without `pip install -e .`
 
-from worker.config import SamplingConfig  # noqa: E402
-from worker.decode import target_size  # noqa: E402
+from worker.engine.config import SamplingConfig  # noqa: E402
+from worker.engine.decode import target_size  # noqa: E402
 
 SECTION = "## Video decoding (bench/decode.py)"
 DURATIONS = {"1 min": 60, "10 min": 600}
@@ -34,7 +34,7 @@ SAMPLING = SamplingConfig()  # 2 fps, long side 448
 # Each tool consumes every sampled frame and prints how many it got.
 PROJECT = """
 import sys
-from worker.decode import sample_frames
+from worker.engine.decode import sample_frames
 print(sum(1 for _ in sample_frames(sys.argv[1])))
 """
 # The same FFmpeg libraries as the project, decoding every frame and converting none: the floor.

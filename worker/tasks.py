@@ -37,8 +37,8 @@ from service.contract import (
 from service.records import Records
 from worker import runtime as worker_runtime
 from worker.celery_app import app
-from worker.decode import VideoDecodeError
-from worker.engine import IndexResult, answer_from_artifact, compress_video, get_or_compress
+from worker.engine.decode import VideoDecodeError
+from worker.engine.engine import IndexResult, answer_from_artifact, compress_video, get_or_compress
 from worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ import redis
 import torch
 
 from service.contract import CacheTier, Keys
-from worker.artifact import CompressedKV
-from worker.storage import ArtifactKey, ArtifactStore, BuildLock, DiskStore, Obtained, get_or_build
+from worker.engine.artifact import CompressedKV
+from worker.engine.storage import ArtifactKey, ArtifactStore, BuildLock, DiskStore, Obtained, get_or_build
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def get_or_build_shared(
     timeout: float,
     on_wait: Callable[[], None] | None = None,
 ) -> Obtained:
-    """`worker.storage.get_or_build` with a `SingleFlight` lock: across every worker sharing `client`, one
+    """`worker.engine.storage.get_or_build` with a `SingleFlight` lock: across workers sharing `client`, one
     builds the key and the rest read its result."""
     lock: BuildLock = SingleFlight(client, keys, timeout=timeout, on_wait=on_wait)
     return get_or_build(store, key, build, lock=lock)

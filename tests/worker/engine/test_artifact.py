@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import worker.artifact
-from worker.artifact import (
+import worker.engine.artifact
+from worker.engine.artifact import (
     ArtifactError,
     CompressedKV,
     artifact_from_bytes,
@@ -217,7 +217,7 @@ def test_every_single_bit_flip_is_refused():
 
 
 def test_other_format_version(saved, monkeypatch):
-    monkeypatch.setattr(worker.artifact, "ARTIFACT_FORMAT", 2)
+    monkeypatch.setattr(worker.engine.artifact, "ARTIFACT_FORMAT", 2)
     save_artifact(make_artifact(), saved)
     monkeypatch.undo()
 
@@ -309,9 +309,9 @@ def test_failed_write_keeps_the_previous_file(saved, monkeypatch, failing):
         raise OSError("disk on fire")
 
     if failing == "encode":
-        monkeypatch.setattr(worker.artifact.safetensors.torch, "save", fail)
+        monkeypatch.setattr(worker.engine.artifact.safetensors.torch, "save", fail)
     else:
-        monkeypatch.setattr(worker.artifact.os, failing, fail)
+        monkeypatch.setattr(worker.engine.artifact.os, failing, fail)
     with pytest.raises(OSError, match="disk on fire"):
         save_artifact(make_artifact(seed=1), saved)
     monkeypatch.undo()
@@ -328,7 +328,7 @@ def test_interrupted_write_keeps_the_previous_file(saved, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(worker.artifact.os, "fsync", interrupt)
+    monkeypatch.setattr(worker.engine.artifact.os, "fsync", interrupt)
     with pytest.raises(KeyboardInterrupt):
         save_artifact(make_artifact(seed=1), saved)
 
@@ -350,8 +350,8 @@ def test_overwrite_replaces_the_file(saved):
 
 def test_engine_storage_modules_do_not_import_transformers():
     script = (
-        "import sys, worker.artifact, worker.storage; "
+        "import sys, worker.engine.artifact, worker.engine.storage; "
         "assert 'transformers' not in sys.modules, 'transformers imported'; "
         "assert not any(m.split('.')[0] in sys.modules for m in ('celery', 'fastapi', 'redis'))"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[2])
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[3])

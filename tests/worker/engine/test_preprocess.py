@@ -3,10 +3,10 @@ import pytest
 import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from worker.config import SamplingConfig
-from worker.decode import sample_frames
-from worker.models import VisionSpec
-from worker.preprocess import normalisation_table, patchify_frames
+from worker.engine.config import SamplingConfig
+from worker.engine.decode import sample_frames
+from worker.engine.models import VisionSpec
+from worker.engine.preprocess import normalisation_table, patchify_frames
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

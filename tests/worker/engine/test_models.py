@@ -1,4 +1,4 @@
-"""worker.models and worker.tiny: loading checkpoints, the tiny offline ones, the transformers contract."""
+"""worker.engine.models and worker.tiny: loading checkpoints, the tiny offline ones, the contract."""
 
 import json
 import re
@@ -12,7 +12,14 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from worker.models import CLIP_MEAN, CLIP_STD, LoadedModel, VisionSpec, checkpoint_fingerprint, load_model
+from worker.engine.models import (
+    CLIP_MEAN,
+    CLIP_STD,
+    LoadedModel,
+    VisionSpec,
+    checkpoint_fingerprint,
+    load_model,
+)
 from worker.tiny import (
     SPECIAL_TOKENS,
     TEXT_CONFIG,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from worker.models import VisionSpec
+    from worker.engine.models import VisionSpec
 
 
 @dataclass

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from worker.artifact import ArtifactError, CompressedKV, load_artifact, save_artifact
-from worker.timing import StageTimer
+from worker.engine.artifact import ArtifactError, CompressedKV, load_artifact, save_artifact
+from worker.engine.timing import StageTimer
 
 KEY_VERSION = "v1"  # first part of every key string; bump when the key layout changes
 _HEX = re.compile(r"[0-9a-f]{8,128}")

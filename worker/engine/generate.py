@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from worker.models import LoadedModel
+from worker.engine.models import LoadedModel
 
 
 def multimodal_position_ids(

@@ -20,7 +20,7 @@ from av.video.frame import VideoFrame
 from av.video.reformatter import Interpolation, VideoReformatter
 from av.video.stream import VideoStream
 
-from worker.config import SamplingConfig
+from worker.engine.config import SamplingConfig
 
 # Beyond these Qwen's vision tower cannot make sense of a frame, and decoding one risks the memory.
 MAX_SIDE = 8192

@@ -14,8 +14,8 @@ from tests.helpers import (
     make_video,
     truncated_copy,
 )
-from worker.config import SamplingConfig
-from worker.decode import (
+from worker.engine.config import SamplingConfig
+from worker.engine.decode import (
     CorruptVideoError,
     EmptyVideoError,
     NotAVideoError,

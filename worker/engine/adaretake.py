@@ -17,7 +17,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from worker.config import SamplingConfig
+from worker.engine.config import SamplingConfig
 
 LAYER_ALLOCATIONS = ("adakv", "even", "pyramid")
 TEMPORAL_ALLOCATIONS = ("paper", "reference", "none")

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from worker.config import SamplingConfig
-from worker.decode import VideoInfo, probe, sample_frames
-from worker.generate import embed_tokens, forward, greedy_decode, multimodal_position_ids, new_cache
-from worker.models import LoadedModel
-from worker.prompt import build_prompt
-from worker.timing import StageTimer
-from worker.vision import concat_slices, encode_slices
+from worker.engine.config import SamplingConfig
+from worker.engine.decode import VideoInfo, probe, sample_frames
+from worker.engine.generate import embed_tokens, forward, greedy_decode, multimodal_position_ids, new_cache
+from worker.engine.models import LoadedModel
+from worker.engine.prompt import build_prompt
+from worker.engine.timing import StageTimer
+from worker.engine.vision import concat_slices, encode_slices
 
 
 @dataclass
