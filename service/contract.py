@@ -86,6 +86,18 @@ class Keys:
         """Set: ids of every job about a video (deleted with it)."""
         return f"{self.prefix}:video:{video_id}:jobs"
 
+    def conversation(self, conversation_id: str) -> str:
+        """Hash: a conversation (tenant, video, times); its turns are `conversation_jobs`."""
+        return f"{self.prefix}:conversation:{conversation_id}"
+
+    def conversation_jobs(self, conversation_id: str) -> str:
+        """List: the conversation's answer job ids in asking order (the next prompt's history)."""
+        return f"{self.prefix}:conversation:{conversation_id}:jobs"
+
+    def video_conversations(self, video_id: str) -> str:
+        """Sorted set: the video's conversation ids by creation time (deleted with it)."""
+        return f"{self.prefix}:video:{video_id}:conversations"
+
     def artifact(self, artifact_key: str) -> str:
         """Hash: the index entry of one compressed artifact (bytes, tier, last use, metadata)."""
         return f"{self.prefix}:artifact:{artifact_key}"
@@ -129,6 +141,12 @@ class Settings(BaseSettings):
     api_keys: str = ""
     cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser
     long_poll_max_seconds: float = Field(default=30.0, ge=0)
+    # Signed media URLs (a <video> cannot send a Bearer header): secret (default: derived from api_keys)
+    # and lifetime in seconds.
+    media_token_secret: str = ""
+    media_token_seconds: int = Field(default=3600, gt=0)
+    # The earlier questions and answers of a conversation kept in a follow-up's prompt, in tokens.
+    conversation_history_tokens: int = Field(default=2048, ge=0)
     # workers
     model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     device: str = "auto"
@@ -161,6 +179,10 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.data_dir / "artifacts"
+
+    def frames_dir(self, artifact_key: str) -> Path:
+        """The thumbnails of an artifact's sampled frames (`<index>.jpg`), deleted with the artifact."""
+        return self.artifacts_dir / f"{artifact_key}.frames"
 
     @property
     def keys(self) -> Keys:

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.contract import Settings
+from service.conversations import Conversations
 from service.errors import APIError
 from service.metrics import Metrics
 from service.queue import TaskQueue
@@ -17,7 +18,7 @@ from service.records import Records
 
 PUBLIC_TENANT = "public"
 
-_bearer = HTTPBearer(auto_error=False, description="An API key, when the service is configured with keys.")
+bearer = HTTPBearer(auto_error=False, description="An API key, when the service is configured with keys.")
 
 
 def get_settings(request: Request) -> Settings:
@@ -26,6 +27,10 @@ def get_settings(request: Request) -> Settings:
 
 def get_records(request: Request) -> Records:
     return request.app.state.records
+
+
+def get_conversations(request: Request) -> Conversations:
+    return request.app.state.conversations
 
 
 def get_async_redis(request: Request) -> redis.asyncio.Redis:
@@ -42,7 +47,7 @@ def get_metrics(request: Request) -> Metrics:
 
 
 def get_tenant(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> str:
     """The caller's tenant: the one its Bearer API key names, or "public" when no keys are configured."""
     tenants: dict[str, str] = request.app.state.tenants_by_key
@@ -59,6 +64,7 @@ def get_tenant(
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RecordsDep = Annotated[Records, Depends(get_records)]
+ConversationsDep = Annotated[Conversations, Depends(get_conversations)]
 AsyncRedisDep = Annotated[redis.asyncio.Redis, Depends(get_async_redis)]
 QueueDep = Annotated[TaskQueue, Depends(get_queue)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -3,7 +3,7 @@
 Codes: bad_request, malformed_json, validation_error, question_empty, question_too_long, empty_upload,
 invalid_multipart, missing_file, unauthorized, not_found, method_not_allowed, video_failed,
 payload_too_large, unsupported_media_type, multipart_required, redis_unavailable, no_workers,
-queue_unavailable, internal_error.
+queue_unavailable, invalid_token, invalid_range, range_not_satisfiable, conversation_mismatch, internal_error.
 """
 
 from __future__ import annotations

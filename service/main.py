@@ -10,14 +10,17 @@ import redis
 import redis.asyncio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from service.contract import Settings
+from service.conversations import Conversations
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
+from service.media import MediaTokens
 from service.metrics import Metrics, MetricsMiddleware
 from service.queue import TaskQueue
 from service.records import Records
-from service.routers import asks, health, jobs, videos
+from service.routers import asks, conversations, health, jobs, media, page, videos
 from service.uploads import incoming_dir, sweep_incoming
 
 
@@ -47,9 +50,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.records = Records(client, settings.keys)
     app.state.queue = TaskQueue(settings)
     app.state.metrics = Metrics(app.state.records)
+    app.state.media_tokens = MediaTokens(settings)
+    app.state.conversations = Conversations(app.state.records)
 
-    for router in (videos.router, asks.router, jobs.router, health.router):
+    for router in (
+        videos.router,
+        media.router,
+        asks.router,
+        conversations.router,
+        jobs.router,
+        health.router,
+    ):
         app.include_router(router)
+    app.include_router(page.router)
+    app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, streamed=frozenset({("POST", "/videos")}))
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -32,7 +32,7 @@ _VIDEO_FACTS = (
 )  # fmt: skip
 _JOB_FACTS = (
     "id", "kind", "video_id", "status", "question", "mode", "max_new_tokens", "answer", "token_count",
-    "timings",
+    "timings", "conversation_id", "history_turns",
 )  # fmt: skip
 
 
@@ -96,6 +96,11 @@ class AskCreate(BaseModel):
     question: str = Field(description="Not blank; at most VIDEOQA_MAX_QUESTION_CHARS characters.")
     max_new_tokens: int = Field(default=128, ge=1, description="At most VIDEOQA_MAX_NEW_TOKENS_LIMIT.")
     mode: AskMode = AskMode.CACHED
+    conversation_id: str | None = Field(
+        default=None,
+        description="Continue this conversation (from an earlier job): its questions and answers go into "
+        "the prompt. Without it, the question starts a new conversation.",
+    )
 
 
 class CacheInfo(BaseModel):
@@ -104,9 +109,33 @@ class CacheInfo(BaseModel):
     reason: str | None = Field(description="Why it was or was not a hit.")
 
 
+class Moment(BaseModel):
+    seconds: float
+    share: float = Field(description="Share of the answer's attention on the video spent on this frame.")
+    frame: int = Field(description="Index of the sampled frame (in `timeline`).")
+    thumbnail: str = Field(description="The frame's thumbnail (GET; Bearer key or ?token=).")
+
+
 class Evidence(BaseModel):
     timeline: list[list[float]] | None = Field(description="[[seconds, share of attention], ...] per frame.")
     top_moments: list[Any] | None = Field(description="The moments the answer attended to most.")
+    moments: list[Moment] | None = Field(description="`top_moments` with their frames and thumbnails.")
+
+    @classmethod
+    def from_record(cls, record: dict) -> Evidence:
+        timeline, top = record.get("timeline"), record.get("top_moments")
+        moments = None
+        if timeline is not None and top is not None:
+            frame_of = {}
+            for index, (seconds, _) in enumerate(timeline):
+                frame_of.setdefault(seconds, index)
+            moments = [
+                Moment(seconds=seconds, share=share, frame=frame_of[seconds],
+                       thumbnail=f"/videos/{record['video_id']}/frames/{frame_of[seconds]}")
+                for seconds, share in (item for item in top if isinstance(item, list) and len(item) == 2)
+                if seconds in frame_of
+            ]  # fmt: skip
+        return cls(timeline=timeline, top_moments=top, moments=moments)
 
 
 class JobLinks(BaseModel):
@@ -127,6 +156,8 @@ class JobPublic(BaseModel):
     max_new_tokens: int | None
     answer: str | None
     token_count: int | None
+    conversation_id: str | None = Field(description="Pass it with the next question to follow up.")
+    history_turns: int | None = Field(description="Earlier exchanges that fit the prompt's history budget.")
     cache: CacheInfo | None
     timings: dict[str, float] | None = Field(description="Seconds per stage.")
     evidence: Evidence | None
@@ -148,7 +179,7 @@ class JobPublic(BaseModel):
                               reason=record.get("cache_reason"))  # fmt: skip
         evidence = None
         if record.get("timeline") is not None or record.get("top_moments") is not None:
-            evidence = Evidence(timeline=record.get("timeline"), top_moments=record.get("top_moments"))
+            evidence = Evidence.from_record(record)
         return cls(
             **{name: record.get(name) for name in _JOB_FACTS},
             cache=cache,
@@ -164,6 +195,41 @@ class JobPublic(BaseModel):
                 video=f"/videos/{record['video_id']}",
             ),  # fmt: skip
         )
+
+
+class ConversationPublic(BaseModel):
+    """Questions about one video that follow up on each other, with their answer jobs in asking order."""
+
+    id: str
+    video_id: str
+    created_at: datetime
+    updated_at: datetime
+    turns: list[JobPublic]
+
+    @classmethod
+    def from_record(cls, record: dict, jobs: list[dict]) -> ConversationPublic:
+        return cls(
+            id=record["id"],
+            video_id=record["video_id"],
+            created_at=iso(record["created_at"]),
+            updated_at=iso(record["updated_at"]),
+            turns=[JobPublic.from_record(job) for job in jobs],
+        )
+
+
+class ConversationList(BaseModel):
+    """A video's conversations, newest first."""
+
+    items: list[ConversationPublic]
+
+
+class MediaToken(BaseModel):
+    """A signed, expiring grant to one video's content and frames, for `<video src>` and `<img src>`."""
+
+    token: str
+    expires_at: int = Field(description="Unix seconds.")
+    content_url: str
+    frames_url: str = Field(description="A template: replace {index} with a frame's index.")
 
 
 class Health(BaseModel):

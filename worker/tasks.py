@@ -34,12 +34,20 @@ from service.contract import (
     JobStatus,
     VideoStatus,
 )
+from service.conversations import Conversations
 from service.records import Records
 from worker import runtime as worker_runtime
 from worker.celery_app import app
 from worker.engine.decode import VideoDecodeError
-from worker.engine.engine import IndexResult, answer_from_artifact, compress_video, get_or_compress
+from worker.engine.engine import (
+    IndexResult,
+    answer_from_artifact,
+    artifact_key,
+    compress_video,
+    get_or_compress,
+)
 from worker.runtime import WorkerRuntime
+from worker.thumbnails import ThumbnailWriter
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +134,8 @@ def index_video_job(rt: WorkerRuntime, video_id: str) -> None:
 
 def _index(rt: WorkerRuntime, video: dict, job_id: str | None) -> IndexResult:
     """The video's artifact via the tiers and the single-flight lock. While it is being built, progress goes
-    to the video (unless it is already ready: a rebuild after eviction) and to the job's events."""
+    to the video (unless it is already ready: a rebuild after eviction) and to the job's events, and the
+    decoded frames become its thumbnails."""
     records = rt.records
     path = video_path(rt, video)
     if not path.is_file():
@@ -137,15 +146,22 @@ def _index(rt: WorkerRuntime, video: dict, job_id: str | None) -> IndexResult:
     def on_wait() -> None:  # another worker is compressing this content right now
         _set_job_status(records, job_id, JobStatus.WAITING_FOR_INDEX)
 
-    result = get_or_compress(
-        rt.loaded,
-        rt.store,
-        path,
-        rt.config,
-        on_progress=progress,
-        lock=rt.single_flight(on_wait),
-        video_hash=video["sha256"],
-    )
+    key = artifact_key(rt.loaded, video["sha256"], rt.config)
+    thumbnails = ThumbnailWriter(rt.settings.frames_dir(key.to_string()))
+    try:
+        result = get_or_compress(
+            rt.loaded,
+            rt.store,
+            path,
+            rt.config,
+            on_progress=progress,
+            on_frame=thumbnails,
+            lock=rt.single_flight(on_wait),
+            video_hash=video["sha256"],
+        )
+        thumbnails.commit()
+    finally:
+        thumbnails.discard()
     if result.waited:
         _set_job_status(records, job_id, JobStatus.RUNNING)
     if not result.hit:
@@ -271,10 +287,14 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict) -> None:
         records.incr_counter("cache", cache_reason(result))
         timings = _video_timings(result)
 
+    history = []
+    if job.get("conversation_id"):
+        history = Conversations(records).history(job["conversation_id"], before_job_id=job_id)
     stream = _TokenStream(records, job_id)
     reply = answer_from_artifact(
-        rt.loaded, artifact, question, max_new_tokens=job.get("max_new_tokens") or 128, on_text=stream
-    )
+        rt.loaded, artifact, question, max_new_tokens=job.get("max_new_tokens") or 128, on_text=stream,
+        history=history, max_history_tokens=rt.settings.conversation_history_tokens,
+    )  # fmt: skip
     stream.flush()
     timings |= {
         "question_prefill": reply.timings["prefill"],
@@ -286,6 +306,7 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict) -> None:
         job_id,
         answer=reply.text,
         token_count=len(reply.token_ids),
+        history_turns=reply.history_turns,
         timeline=[[t, share] for t, share in reply.timeline],
         top_moments=[[t, share] for t, share in reply.top_moments],
         timings=_rounded(timings),

@@ -7,7 +7,7 @@ import logging
 from fastapi import APIRouter, Response
 
 from service.contract import JobStatus, VideoStatus
-from service.deps import QueueDep, RecordsDep, SettingsDep, TenantDep
+from service.deps import ConversationsDep, QueueDep, RecordsDep, SettingsDep, TenantDep
 from service.errors import APIError, not_found, responses
 from service.schemas import AskCreate, JobPublic
 
@@ -26,7 +26,7 @@ ANSWER_RETRY_AFTER_S = 2
 )
 def ask(
     body: AskCreate, response: Response, settings: SettingsDep, records: RecordsDep, queue: QueueDep,
-    tenant: TenantDep,
+    conversations: ConversationsDep, tenant: TenantDep,
 ) -> JobPublic:  # fmt: skip
     """Ask a question about a video; poll the returned job (or stream its events) for the answer."""
     question = body.question.strip()
@@ -47,13 +47,22 @@ def ask(
     if video["status"] == VideoStatus.FAILED:
         raise APIError(409, "video_failed",
                        f"the video failed to index ({video.get('error_code')}): upload it again")  # fmt: skip
+    if body.conversation_id is None:
+        conversation = conversations.create(tenant=tenant, video_id=video["id"])
+    else:
+        conversation = conversations.get(body.conversation_id, tenant)
+        if conversation is None:
+            raise not_found("conversation")
+        if conversation["video_id"] != video["id"]:
+            raise APIError(409, "conversation_mismatch", "the conversation is about another video")
     try:
         job = records.create_job(
-            tenant=tenant, video_id=video["id"], kind="answer",
-            question=question, mode=body.mode.value, max_new_tokens=max_new_tokens,
+            tenant=tenant, video_id=video["id"], kind="answer", question=question, mode=body.mode.value,
+            max_new_tokens=max_new_tokens, conversation_id=conversation["id"],
         )  # fmt: skip
     except LookupError:
         raise not_found("video") from None
+    conversations.add_job(conversation["id"], job["id"])
     try:
         queue.answer(job["id"])
     except Exception as exc:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.contract import JobStatus, Settings, VideoStatus
-from service.deps import QueueDep, RecordsDep, SettingsDep, TenantDep
+from service.deps import ConversationsDep, QueueDep, RecordsDep, SettingsDep, TenantDep
 from service.errors import APIError, not_found, responses
 from service.queue import TaskQueue
 from service.records import Records, new_id
@@ -128,18 +129,26 @@ def get_video(video_id: str, records: RecordsDep, tenant: TenantDep) -> VideoPub
 
 
 @router.delete("/{video_id}", status_code=204, response_model=None, responses=responses(401, 404))
-def delete_video(video_id: str, settings: SettingsDep, records: RecordsDep, tenant: TenantDep) -> None:
+def delete_video(
+    video_id: str,
+    settings: SettingsDep,
+    records: RecordsDep,
+    conversations: ConversationsDep,
+    tenant: TenantDep,
+) -> None:
     """Delete a video with its upload, jobs, events and compressed cache (unless another video shares it)."""
     if records.get_video(video_id, tenant) is None:
         raise not_found("video")
     video = records.delete_video(video_id)
     if video is None:  # deleted concurrently
         raise not_found("video")
+    conversations.delete_for_video(video_id)
     remove_quietly(video["path"])
     if video.get("artifact_key") and records.release_artifact(video["artifact_key"], video_id):
         artifact = artifact_path(settings, video["artifact_key"])
         if artifact is not None:
             remove_quietly(artifact)
+            shutil.rmtree(settings.frames_dir(video["artifact_key"]), ignore_errors=True)  # its thumbnails
 
 
 def artifact_path(settings: Settings, artifact_key: str) -> Path | None:

@@ -1,6 +1,7 @@
 """The real stack for integration tests: a private redis-server, a Celery worker process with a tiny
-model, and the API served by uvicorn over real HTTP."""
+model, and the API served by uvicorn over real HTTP; or all of it as `videoqa serve` starts it."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -113,3 +114,35 @@ def stack(tmp_path_factory, redis_server, tiny_models):
         yield stack
     finally:
         stack.stop()
+
+
+@contextlib.contextmanager
+def videoqa_serve(directory: Path, model: Path, **settings: str):
+    """`videoqa serve` (its own redis-server, one worker, the API) on a free port with the tiny preset ->
+    its base URL once ready; VIDEOQA_* settings from the keyword arguments. Stopped with Ctrl-C's signal."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VIDEOQA_")}
+    env.update(VIDEOQA_PRESET="tiny", VIDEOQA_DEVICE="cpu")
+    env.update({f"VIDEOQA_{name.upper()}": value for name, value in settings.items()})
+    args = [sys.executable, "-m", "worker.cli", "serve", "--port", str(port), "--model", str(model),
+            "--data-dir", str(directory / "data")]  # fmt: skip
+    log_path = directory / "serve.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "videoqa serve did not become ready"
+            time.sleep(0.3)
+        yield base
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+        log.close()

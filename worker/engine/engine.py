@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,10 +33,10 @@ from worker.engine.adaretake import (
 )
 from worker.engine.answer import seconds_per_grid
 from worker.engine.artifact import ARTIFACT_FORMAT, CompressedKV
-from worker.engine.decode import probe, sample_frames
+from worker.engine.decode import SampledFrame, probe, sample_frames
 from worker.engine.generate import embed_tokens, forward, greedy_decode, multimodal_position_ids, new_cache
 from worker.engine.models import LoadedModel
-from worker.engine.prompt import build_prompt
+from worker.engine.prompt import build_followup, build_prompt
 from worker.engine.storage import (
     ArtifactKey,
     ArtifactStore,
@@ -94,6 +94,7 @@ def compress_video(
     guide_question: str | None = None,
     metadata: dict | None = None,
     on_progress: Callable[[str, float], None] | None = None,
+    on_frame: Callable[[SampledFrame], None] | None = None,
 ) -> CompressedKV:
     """Run AdaReTaKe's compressed prefill over a video.
 
@@ -103,6 +104,8 @@ def compress_video(
         metadata (dict): extra facts to store in the artifact (e.g. the video's content hash).
         on_progress: called with (stage, fraction done) as the work advances: ("decoding", 0) first, then
             "encoding" and "prefilling" fractions.
+        on_frame: called with every sampled frame as it is decoded (e.g. to write thumbnails), so nothing
+            is decoded twice.
     """
     use_adaretake_attention(loaded)
     timer = StageTimer()
@@ -125,13 +128,15 @@ def compress_video(
             # computes them and spills the vision embeddings to disk, so pixels are decoded once and memory
             # stays bounded by a chunk.
             distances, slices = _vision_pass(
-                loaded, video_path, config, chunk_grids, Path(spill_dir), timer, progress, layout
+                loaded, video_path, config, chunk_grids, Path(spill_dir), timer, progress, layout, on_frame
             )
             chunk_ratios = paper_chunk_ratios(
                 chunk_distances(distances, chunk_grids), chunk_tokens, video_budget
             )
         else:
-            slices = _stream_slices(loaded, video_path, config, chunk_grids, timer, progress, layout)
+            slices = _stream_slices(
+                loaded, video_path, config, chunk_grids, timer, progress, layout, on_frame
+            )
             chunk_ratios = [ratio] * len(chunk_tokens)
 
         cache = new_cache(loaded)
@@ -214,9 +219,14 @@ def compress_video(
     )
 
 
-def _stream_slices(loaded, video_path, config, chunk_grids, timer, progress, layout) -> Iterator:
-    """(embeddings, timestamps) per chunk, decoded and encoded as the prefill asks for them."""
+def _stream_slices(
+    loaded, video_path, config, chunk_grids, timer, progress, layout, on_frame=None
+) -> Iterator:
+    """(embeddings, timestamps) per chunk, decoded and encoded as the prefill asks for them; each decoded
+    frame goes to `on_frame` first, when given."""
     frames = sample_frames(video_path, config.sampling)
+    if on_frame is not None:
+        frames = _tapped(frames, on_frame)
     done = 0
     for piece in encode_slices(loaded, frames, slice_grids=chunk_grids, timer=timer):
         done += len(piece.timestamps)
@@ -224,12 +234,20 @@ def _stream_slices(loaded, video_path, config, chunk_grids, timer, progress, lay
         yield piece.embeds, piece.timestamps
 
 
-def _vision_pass(loaded, video_path, config, chunk_grids, spill: Path, timer, progress, layout):
+def _tapped(
+    frames: Iterator[SampledFrame], on_frame: Callable[[SampledFrame], None]
+) -> Iterator[SampledFrame]:
+    for frame in frames:
+        on_frame(frame)
+        yield frame
+
+
+def _vision_pass(loaded, video_path, config, chunk_grids, spill: Path, timer, progress, layout, on_frame):
     """First pass: per-grid distances over the whole video; embeddings spilled to `spill`, one file a chunk.
     Returns the distances and an iterator over the spilled chunks."""
     pooled, count = [], 0
     for index, (embeds, times) in enumerate(
-        _stream_slices(loaded, video_path, config, chunk_grids, timer, progress, layout)
+        _stream_slices(loaded, video_path, config, chunk_grids, timer, progress, layout, on_frame)
     ):
         grids = embeds.shape[0] // layout.tokens_per_grid
         pooled.append(
@@ -289,6 +307,7 @@ def get_or_compress(
     config: CompressionConfig = CompressionConfig(),
     *,
     on_progress: Callable[[str, float], None] | None = None,
+    on_frame: Callable[[SampledFrame], None] | None = None,
     lock: BuildLock | None = None,
     video_hash: str | None = None,
 ) -> IndexResult:
@@ -297,6 +316,7 @@ def get_or_compress(
     Args:
         lock: single flight across workers (see `worker.engine.storage.get_or_build`); None in a lone process.
         video_hash (str): the file's sha256 when already known (an upload hashed on arrival), else computed.
+        on_progress, on_frame: as for `compress_video`; only called when the artifact is compressed now.
     """
     timer = StageTimer()
     if video_hash is None:
@@ -306,8 +326,9 @@ def get_or_compress(
 
     def build() -> CompressedKV:
         return compress_video(
-            loaded, video_path, config, metadata={"video_hash": video_hash}, on_progress=on_progress
-        )
+            loaded, video_path, config, metadata={"video_hash": video_hash}, on_progress=on_progress,
+            on_frame=on_frame,
+        )  # fmt: skip
 
     got = get_or_build(store, key, build, lock=lock, timer=timer)
     seconds = dict(timer.seconds)
@@ -327,10 +348,14 @@ class CachedAnswer:
         timeline (list[tuple[float, float]]): (timestamp, share of attention) per sampled frame.
         top_moments (list[tuple[float, float]]): the highest-share timestamps, best first.
         timings (dict[str, float]): "prefill" (the question) and "generate" seconds.
+        prompt_ids (list[int]): the tokens prefilled after the cached video (history, question, header).
+        history_turns (int): earlier exchanges of the conversation that fit into `prompt_ids`.
     """
 
     text: str
     token_ids: list[int]
+    prompt_ids: list[int] = field(default_factory=list)
+    history_turns: int = 0
     timeline: list[tuple[float, float]] = field(default_factory=list)
     top_moments: list[tuple[float, float]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -355,15 +380,22 @@ def answer_from_artifact(
     top_k: int = 5,
     on_text: Callable[[str], None] | None = None,
     on_step: Callable[[torch.Tensor], None] | None = None,
+    history: Sequence[tuple[str, str]] = (),
+    max_history_tokens: int = 2048,
 ) -> CachedAnswer:
     """Prefill the question after the cached video at its real positions, decode greedily, and measure
-    where in the video the question and answer tokens looked."""
+    where in the video the question and answer tokens looked.
+
+    Args:
+        history: the conversation's earlier (question, answer) exchanges, oldest first: placed between the
+            video and the question, the newest that fit `max_history_tokens`."""
     use_adaretake_attention(loaded)
     started = time.perf_counter()
     cache = cache_from_artifact(loaded, artifact)
     text0 = int((artifact.token_frames[0] < 0).sum())
     evidence = EvidenceScratch(video_slices={i: slice(text0, n) for i, n in enumerate(artifact.lengths)})
-    text1 = build_prompt(loaded.tokenizer, question).text1_ids
+    prompt, history_turns = build_followup(loaded.tokenizer, question, history, max_history_tokens)
+    text1 = prompt.text1_ids
     positions = (artifact.next_position + torch.arange(len(text1), device=loaded.device)).expand(3, -1)
     logits = forward(loaded, embed_tokens(loaded, text1), positions, cache, evidence=evidence)
     prefilled = time.perf_counter()
@@ -384,6 +416,8 @@ def answer_from_artifact(
         timeline=timeline,
         top_moments=sorted(timeline, key=lambda item: -item[1])[:top_k],
         timings={"prefill": prefilled - started, "generate": time.perf_counter() - prefilled},
+        prompt_ids=text1,
+        history_turns=history_turns,
     )
 
 

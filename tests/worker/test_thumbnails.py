@@ -1,0 +1,70 @@
+"""Thumbnails written while indexing, and conversations answered by the task: against a private Redis, a
+tiny model and a real clip (the task adapters are called in process, as in test_tasks.py)."""
+
+import hashlib
+import io
+
+import av
+import numpy as np
+
+from service.conversations import Conversations
+from tests.helpers import synthetic_frame
+from tests.worker.test_tasks import BUNNY, TENANT, upload
+from worker.tasks import answer_job, index_video_job
+from worker.thumbnails import encode_jpeg
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(data), format="image2pipe") as container:
+        return next(container.decode(video=0)).to_ndarray(format="rgb24")
+
+
+def test_a_jpeg_is_at_most_160_wide_keeps_its_aspect_and_its_picture():
+    image = decode_jpeg(encode_jpeg(synthetic_frame(5, 448, 252)))
+    assert image.shape == (90, 160, 3)
+    assert abs(float(np.median(image[30:60, 60:100])) - float(synthetic_frame(5, 8, 8)[4, 4, 0])) <= 3
+    assert image[:5, :5].min() > 200  # the white marker stays top-left
+    small = decode_jpeg(encode_jpeg(synthetic_frame(0, 112, 56)))
+    assert small.shape == (56, 112, 3)  # never upscaled
+
+
+def test_indexing_writes_one_thumbnail_per_sampled_frame_and_a_failure_leaves_none(rt, settings, tmp_path):
+    video = upload(rt, BUNNY)
+    index_video_job(rt, video["id"])
+    ready = rt.records.get_video(video["id"])
+    frames = settings.frames_dir(ready["artifact_key"])
+    names = sorted(path.name for path in frames.iterdir())
+    assert names == sorted(f"{index}.jpg" for index in range(ready["frames"]))
+    assert decode_jpeg((frames / "0.jpg").read_bytes()).shape[1] == 112  # the tiny preset's frames
+    assert not [p for p in frames.parent.iterdir() if ".tmp-" in p.name]
+
+    truncated = tmp_path / "cut.mp4"
+    truncated.write_bytes(BUNNY.read_bytes()[: BUNNY.stat().st_size // 2])
+    bad = upload(rt, truncated)
+    index_video_job(rt, bad["id"])
+    assert rt.records.get_video(bad["id"])["status"] == "failed"
+    leftovers = [p for p in settings.artifacts_dir.rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_a_follow_up_is_answered_with_the_conversation_and_the_artifact_is_untouched(rt, settings):
+    video = upload(rt, BUNNY)
+    index_video_job(rt, video["id"])
+    artifact = settings.artifacts_dir / f"{rt.records.get_video(video['id'])['artifact_key']}.safetensors"
+    original = hashlib.sha256(artifact.read_bytes()).hexdigest()
+    conversations = Conversations(rt.records)
+    conversation = conversations.create(tenant=TENANT, video_id=video["id"])
+    job_ids = []
+    for question in ("Who is there?", "And what did he do after that?"):
+        job = rt.records.create_job(
+            tenant=TENANT, video_id=video["id"], kind="answer", question=question, mode="cached",
+            max_new_tokens=4, conversation_id=conversation["id"],
+        )  # fmt: skip
+        conversations.add_job(conversation["id"], job["id"])
+        answer_job(rt, job["id"])
+        job_ids.append(job["id"])
+    first, second = (rt.records.get_job(job_id) for job_id in job_ids)
+    assert first["status"] == second["status"] == "succeeded"
+    assert (first["history_turns"], second["history_turns"]) == (0, 1)
+    assert second["cache_hit"] is True
+    assert hashlib.sha256(artifact.read_bytes()).hexdigest() == original
