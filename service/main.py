@@ -31,7 +31,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Created here, on the serving event loop; the long-poll and SSE routes block on it.
-        app.state.async_redis = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
+        # No socket timeout: XREAD BLOCK waits up to the long-poll cap or the SSE keep-alive, longer than
+        # redis-py's default read timeout (5 s since 8.0), which would cut every quiet wait short.
+        app.state.async_redis = redis.asyncio.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_timeout=None
+        )
         await anyio.to_thread.run_sync(sweep_incoming, incoming_dir(settings))
         yield
         await app.state.async_redis.aclose()

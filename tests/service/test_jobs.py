@@ -89,6 +89,15 @@ def test_long_poll_keeps_waiting_through_progress_and_returns_at_the_deadline(cl
     assert response.json()["status"] == "running" and 0.9 < elapsed < 5
 
 
+@pytest.mark.slow
+def test_a_long_poll_survives_a_quiet_wait_longer_than_redis_read_timeouts(client, job, records):
+    """Nothing happens for 7 s: longer than redis-py's default socket read timeout (5 s)."""
+    timer = finish(records, job["id"], delay=7)
+    response = client.get(f"/jobs/{job['id']}", params={"wait": 20})
+    timer.join()
+    assert response.status_code == 200 and response.json()["status"] == "succeeded", response.text
+
+
 def test_long_poll_is_capped(make_client, records):
     client = make_client(long_poll_max_seconds=0.3)
     video = client.post("/videos", files={"file": ("a.mp4", fake_mp4(), "video/mp4")}).json()
