@@ -369,7 +369,7 @@ function showMoments(box, moments) {
     chip.className = "moment";
     chip.dataset.testid = "moment";
     chip.dataset.seconds = String(moment.seconds);
-    const label = `${formatTime(moment.seconds)} · ${(100 * moment.share).toFixed(0)}%`;
+    const label = `${formatTime(moment.seconds, true)} · ${(100 * moment.share).toFixed(0)}%`;
     chip.ariaLabel = `Seek to ${label}`;
     const image = document.createElement("img");
     image.alt = "";
@@ -408,10 +408,12 @@ function showCacheFacts(list, job) {
 
 // ---- formatting -----------------------------------------------------------------------------------------
 
-function formatTime(seconds) {
+// mm:ss (h:mm:ss past an hour); with tenths for moments, which are half a second apart at 2 fps.
+function formatTime(seconds, tenths = false) {
   const whole = Math.max(0, Math.floor(seconds || 0));
   const h = Math.floor(whole / 3600), m = Math.floor((whole % 3600) / 60), s = whole % 60;
-  const mmss = `${String(m).padStart(2, "0")}:${String(s).padStart(2, "0")}`;
+  const fraction = tenths ? `.${Math.floor(((seconds || 0) % 1) * 10)}` : "";
+  const mmss = `${String(m).padStart(2, "0")}:${String(s).padStart(2, "0")}${fraction}`;
   return h ? `${h}:${mmss}` : mmss;
 }
 

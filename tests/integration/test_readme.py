@@ -39,5 +39,8 @@ def test_readme_walkthrough_runs_verbatim(served, tmp_path):
     out = result.stdout
     assert '"status":"succeeded"' in out
     assert '"hit":true' in out  # the follow-up came from the cache
+    assert "200 image/jpeg" in out  # a moment's thumbnail
+    assert "206 1024" in out  # a Range request for the player
+    assert '"history_turns":1' in out  # the follow-up's prompt held the first exchange
     assert "event: done" in out
     assert out.rstrip().endswith("204")
