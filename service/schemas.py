@@ -28,7 +28,7 @@ class ErrorBody(BaseModel):
 # Record fields published as they are; the others are reshaped (error, timestamps, links, ...).
 _VIDEO_FACTS = (
     "id", "status", "stage", "progress", "filename", "size_bytes", "sha256", "container", "duration",
-    "frames", "tokens_before", "tokens_after", "artifact_bytes", "cache_tier",
+    "frames", "tokens_before", "tokens_after", "artifact_bytes", "features_bytes", "cache_tier",
 )  # fmt: skip
 _JOB_FACTS = (
     "id", "kind", "video_id", "status", "question", "mode", "max_new_tokens", "answer", "token_count",
@@ -57,6 +57,9 @@ class VideoPublic(BaseModel):
     tokens_before: int | None = Field(description="Video tokens before compression.")
     tokens_after: int | None = Field(description="Video tokens kept in the compressed cache.")
     artifact_bytes: int | None
+    features_bytes: int | None = Field(
+        description="The vision features kept beside the compressed cache for question-guided answers."
+    )
     cache_tier: CacheTier | None
     error: ErrorDetail | None = Field(description="Why indexing failed, when status is failed.")
     created_at: datetime

@@ -63,7 +63,11 @@ def _index(loaded, args: argparse.Namespace):
             f"{result.seconds['load']:.2f}s)"
         )
     else:
-        _say(f"cache miss ({result.reason}): compressed and stored {result.key.to_string()}")
+        features = (store.features_nbytes(result.key) or 0) / 1e6
+        _say(
+            f"cache miss ({result.reason}): compressed and stored {result.key.to_string()} "
+            f"(+ {features:.1f} MB of vision features for question-guided answers)"
+        )
     per_layer = report["video_tokens_after_per_layer"]
     _say(
         f"{report['frames']} frames, video tokens {report['video_tokens_before']} -> "
@@ -98,12 +102,17 @@ def _print_text(text: str) -> None:
 
 
 def _ask_compressed(loaded, args: argparse.Namespace) -> int:
-    from worker.engine.engine import answer_from_artifact, compress_video
+    from worker.engine.engine import answer_from_artifact, compress_for_question
+    from worker.engine.storage import DiskStore
 
-    if args.mode == "question_guided":  # compressed for this question only: nothing to reuse
-        artifact = compress_video(loaded, args.video, _compression_config(args), guide_question=args.question)
+    if args.mode == "question_guided":  # compressed for this question, from the index's vision features
+        store = DiskStore(args.cache_dir, device=loaded.device)
+        artifact, reused = compress_for_question(
+            loaded, store, args.video, args.question, _compression_config(args)
+        )
         video_seconds = artifact.metadata["report"]["seconds"]
-        _say("question-guided: compressed with the question as the guide prompt (not cached)")
+        source = "the indexed video's vision features" if reused else "the video (not indexed: decoded again)"
+        _say(f"question-guided: compressed with the question as the guide prompt from {source} (not cached)")
     else:
         result = _index(loaded, args)
         artifact = result.artifact

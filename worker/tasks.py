@@ -43,7 +43,7 @@ from worker.engine.engine import (
     IndexResult,
     answer_from_artifact,
     artifact_key,
-    compress_video,
+    compress_for_question,
     get_or_compress,
 )
 from worker.runtime import WorkerRuntime
@@ -191,6 +191,7 @@ def _mark_ready(rt: WorkerRuntime, video_id: str, result: IndexResult) -> None:
         tokens_before=int(report["video_tokens_before"]),
         tokens_after=round(report["video_tokens_after"]),  # mean over layers
         artifact_bytes=rt.store.disk.nbytes(result.key) or result.nbytes,
+        features_bytes=rt.store.disk.features_nbytes(result.key),
         cache_tier=CacheTier.DISK,  # where every worker finds it
         artifact_key=key,
         error_code=None,
@@ -271,12 +272,19 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict) -> None:
     records, job_id = rt.records, job["id"]
     question = job["question"]
     started = time.perf_counter()
-    if job.get("mode") == AskMode.QUESTION_GUIDED:  # compressed for this question only: nothing cached
+    if job.get("mode") == AskMode.QUESTION_GUIDED:  # compressed for this question, from kept features
         progress = _Progress(records, video["id"], job_id, track_video=False)
-        artifact = compress_video(
-            rt.loaded, video_path(rt, video), rt.config, guide_question=question, on_progress=progress
+        artifact, reused = compress_for_question(
+            rt.loaded,
+            rt.store,
+            video_path(rt, video),
+            question,
+            rt.config,
+            video_hash=video["sha256"],
+            on_progress=progress,
         )
         records.incr_counter("engine", "compressions")
+        records.incr_counter("engine", "features_reused" if reused else "features_recomputed")
         video_seconds = artifact.metadata["report"]["seconds"]
         cache = {"cache_hit": False, "cache_tier": CacheTier.NONE, "cache_reason": "question_guided"}
         timings = _video_timings_from(video_seconds)

@@ -26,6 +26,7 @@ import torch
 
 from service.contract import CacheTier, Keys
 from worker.engine.artifact import CompressedKV
+from worker.engine.features import VisionFeatures
 from worker.engine.storage import ArtifactKey, ArtifactStore, BuildLock, DiskStore, Obtained, get_or_build
 
 logger = logging.getLogger(__name__)
@@ -180,7 +181,10 @@ class DiskTier(ArtifactStore):
 
     def put(self, key: ArtifactKey, artifact: CompressedKV) -> int:
         nbytes = self.disk.put(key, artifact)
-        self._index(keys=self._index_keys(key), args=_args(key, nbytes))
+        # The budget counts the artifact and the vision features kept beside it (put just before).
+        self._index(
+            keys=self._index_keys(key), args=_args(key, nbytes + (self.disk.features_nbytes(key) or 0))
+        )
         self.evict(protect={key})
         return nbytes
 
@@ -189,8 +193,15 @@ class DiskTier(ArtifactStore):
         if artifact is not None:
             nbytes = self.disk.nbytes(key)
             if nbytes is not None:  # (re)index: also heals an index lost with a flushed Redis
+                nbytes += self.disk.features_nbytes(key) or 0
                 self._index(keys=self._index_keys(key), args=_args(key, nbytes))
         return artifact
+
+    def put_features(self, key: ArtifactKey, features: VisionFeatures) -> int:
+        return self.disk.put_features(key, features)
+
+    def get_features(self, key: ArtifactKey) -> VisionFeatures | None:
+        return self.disk.get_features(key)
 
     def touch(self, key: ArtifactKey) -> None:
         self._touch(keys=self._index_keys(key)[:2], args=[key.to_string(), json.dumps(time.time())])
@@ -208,6 +219,10 @@ class DiskTier(ArtifactStore):
     def nbytes(self, key: ArtifactKey) -> int | None:
         """Size of the stored file, or None when there is none."""
         return self.disk.nbytes(key)
+
+    def features_nbytes(self, key: ArtifactKey) -> int | None:
+        """Size of the vision features kept beside it, or None when there are none."""
+        return self.disk.features_nbytes(key)
 
     def total_bytes(self) -> float:
         return float(self.client.hget(self.redis_keys.counter("artifact_bytes"), "disk") or 0)
@@ -269,6 +284,12 @@ class TieredStore(ArtifactStore):
         nbytes = self.disk.put(key, artifact)
         self.memory.put(key, artifact)
         return nbytes
+
+    def put_features(self, key: ArtifactKey, features: VisionFeatures) -> int:
+        return self.disk.put_features(key, features)  # on disk only: they are read once per question
+
+    def get_features(self, key: ArtifactKey) -> VisionFeatures | None:
+        return self.disk.get_features(key)
 
     def contains(self, key: ArtifactKey) -> bool:
         return self.memory.contains(key) or self.disk.contains(key)

@@ -145,14 +145,18 @@ def delete_video(
     conversations.delete_for_video(video_id)
     remove_quietly(video["path"])
     if video.get("artifact_key") and records.release_artifact(video["artifact_key"], video_id):
-        artifact = artifact_path(settings, video["artifact_key"])
-        if artifact is not None:
-            remove_quietly(artifact)
+        paths = artifact_paths(settings, video["artifact_key"])
+        for path in paths:
+            remove_quietly(path)
+        if paths:
             shutil.rmtree(settings.frames_dir(video["artifact_key"]), ignore_errors=True)  # its thumbnails
 
 
-def artifact_path(settings: Settings, artifact_key: str) -> Path | None:
-    """artifacts_dir/<artifact_key>.safetensors, or None when the key would escape artifacts_dir."""
+def artifact_paths(settings: Settings, artifact_key: str) -> list[Path]:
+    """artifacts_dir/<artifact_key>.safetensors and the vision features beside it (.features.safetensors),
+    the workers' disk store layout; none when the key would escape artifacts_dir."""
     root = settings.artifacts_dir.resolve()
-    path = (root / f"{artifact_key}.safetensors").resolve()
-    return path if path.is_relative_to(root) else None
+    paths = [
+        (root / f"{artifact_key}{suffix}").resolve() for suffix in (".safetensors", ".features.safetensors")
+    ]
+    return [path for path in paths if path.is_relative_to(root)]

@@ -108,15 +108,21 @@ def test_list_is_paginated_newest_first(client):
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "validation_error"
 
 
-def test_delete_removes_the_file_every_key_and_the_unshared_artifact(tenants_client, settings, records):
+def test_delete_removes_the_file_every_key_and_the_unshared_artifact_with_its_features(
+    tenants_client, settings, records
+):
     alice = upload(tenants_client, fake_mp4(3), headers=ALICE).json()
     bob = upload(tenants_client, fake_mp4(3), headers=BOB).json()
     tenants_client.post("/ask", json={"video_id": alice["id"], "question": "who?"}, headers=ALICE)
     # What a worker does when indexing succeeds: both videos share one artifact (same bytes).
     artifact_key = "v1/" + alice["sha256"] + "/rev/settings"
     artifact = settings.artifacts_dir / f"{artifact_key}.safetensors"
+    features = (
+        settings.artifacts_dir / f"{artifact_key}.features.safetensors"
+    )  # the workers' DiskStore layout
     artifact.parent.mkdir(parents=True)
     artifact.write_bytes(b"kv")
+    features.write_bytes(b"embeddings")
     records.client.hset(settings.keys.artifact(artifact_key), "bytes", "2")
     for video in (alice, bob):
         records.update_video(video["id"], status=VideoStatus.READY, artifact_key=artifact_key)
@@ -126,10 +132,10 @@ def test_delete_removes_the_file_every_key_and_the_unshared_artifact(tenants_cli
     assert keys_mentioning(settings.redis_url, alice["id"]) == []
     assert keys_mentioning(settings.redis_url, alice["links"]["index_job"].rsplit("/", 1)[1]) == []
     assert not any(alice["id"] in path.name for path in stored_files(settings))
-    assert artifact.exists()  # bob's video still uses it
+    assert artifact.exists() and features.exists()  # bob's video still uses them
 
     assert tenants_client.delete(f"/videos/{bob['id']}", headers=BOB).status_code == 204
-    assert not artifact.exists() and stored_files(settings) == []
+    assert not artifact.exists() and not features.exists() and stored_files(settings) == []
     assert keys_mentioning(settings.redis_url, "vqa:artifact") == []
     assert tenants_client.delete(f"/videos/{bob['id']}", headers=BOB).status_code == 404
 

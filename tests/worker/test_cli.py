@@ -56,7 +56,8 @@ def test_second_ask_is_a_cache_hit_that_skips_video_work(run):
 
 def test_index_then_ask_reuses_and_a_corrupt_artifact_is_rebuilt(run, tmp_path):
     assert run("index", VIDEO)[0] == 0
-    (blob,) = (tmp_path / "cache").rglob("*.safetensors")
+    blob, features = sorted((tmp_path / "cache").rglob("*.safetensors"), key=lambda p: len(p.name))
+    assert features.name.endswith(".features.safetensors")
     data = bytearray(blob.read_bytes())
     data[-10] ^= 0xFF
     blob.write_bytes(bytes(data))
@@ -64,6 +65,16 @@ def test_index_then_ask_reuses_and_a_corrupt_artifact_is_rebuilt(run, tmp_path):
     assert code == 0
     assert "cache miss (corrupt:" in err and "checksum" in err
     assert "cache hit" in run("ask", VIDEO, "Again?", "--max-new-tokens", "2")[2]
+
+
+def test_question_guided_after_index_skips_decode_and_vision(run):
+    code, out, err = run("ask", VIDEO, "What happens?", "--max-new-tokens", "2", "--mode", "question_guided")
+    assert code == 0 and "(not indexed: decoded again)" in err and stage_seconds(out)["decode"] > 0
+    assert run("index", VIDEO)[0] == 0
+    code, out, err = run("ask", VIDEO, "What happens?", "--max-new-tokens", "2", "--mode", "question_guided")
+    assert code == 0 and "from the indexed video's vision features" in err
+    seconds = stage_seconds(out)
+    assert seconds["decode"] == seconds["vision"] == 0 and seconds["video prefill"] > 0
 
 
 @pytest.mark.parametrize("mode", ["question_guided", "uncompressed"])

@@ -68,6 +68,11 @@ def test_index_then_answer_from_the_cache(rt, settings):
     assert ready["tokens_before"] == 40 and 0 < ready["tokens_after"] < 40  # the tiny preset compresses
     assert ready["artifact_bytes"] > 0 and ready["cache_tier"] == "disk"
     assert (settings.artifacts_dir / f"{ready['artifact_key']}.safetensors").is_file()
+    features = settings.artifacts_dir / f"{ready['artifact_key']}.features.safetensors"
+    assert ready["features_bytes"] == features.stat().st_size > 0
+    # The disk tier's budget counts both files.
+    indexed = int(rt.client.hget(rt.keys.artifact(ready["artifact_key"]), "bytes"))
+    assert indexed == ready["artifact_bytes"] + ready["features_bytes"]
     assert rt.client.smembers(rt.keys.artifact_users(ready["artifact_key"])) == {video["id"]}
     index_job = rt.records.get_job(video["index_job_id"])
     assert index_job["status"] == "succeeded" and index_job["cache_reason"] == "miss:absent"
@@ -159,13 +164,27 @@ def test_work_on_a_deleted_video_stops_quietly(rt):
 def test_question_guided_compresses_for_the_question_and_caches_nothing(rt):
     video = upload(rt, BUNNY)
     job_id = ask(rt, video["id"], mode="question_guided")
-    answer_job(rt, job_id)
+    answer_job(rt, job_id)  # not indexed yet: decoded and encoded for this question
     job = rt.records.get_job(job_id)
     assert job["status"] == "succeeded", job
     assert (job["cache_hit"], job["cache_tier"], job["cache_reason"]) == (False, "none", "question_guided")
     assert job["timings"]["decode"] > 0
     assert compressions(rt) == 1
     assert list(rt.settings.artifacts_dir.rglob("*.safetensors")) == []
+
+    index_video_job(rt, video["id"])
+    stored = sorted(rt.settings.artifacts_dir.rglob("*.safetensors"))
+    job_id = ask(rt, video["id"], mode="question_guided")
+    answer_job(rt, job_id)  # indexed: from its kept vision features
+    job = rt.records.get_job(job_id)
+    assert job["status"] == "succeeded" and job["cache_reason"] == "question_guided", job
+    assert job["timings"]["decode"] == job["timings"]["vision"] == 0 and job["timings"]["video_prefill"] > 0
+    assert rt.records.counters("engine") == {
+        "compressions": 3,
+        "features_recomputed": 1,
+        "features_reused": 1,
+    }
+    assert sorted(rt.settings.artifacts_dir.rglob("*.safetensors")) == stored  # nothing more cached
 
 
 def test_an_ask_during_indexing_waits_for_it_instead_of_compressing_again(rt, settings):

@@ -15,7 +15,7 @@ from worker.engine.generate import embed_tokens, forward, greedy_decode, multimo
 from worker.engine.models import LoadedModel
 from worker.engine.prompt import build_prompt
 from worker.engine.timing import StageTimer
-from worker.engine.vision import concat_slices, encode_slices
+from worker.engine.vision import concat_slices, encode_slices, seconds_per_grid
 
 
 @dataclass
@@ -31,12 +31,6 @@ class Answer:
     num_frames: int
     num_video_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def seconds_per_grid(info: VideoInfo, sampling: SamplingConfig, temporal_patch_size: int) -> float:
-    """Seconds one temporal grid spans: Qwen2.5-VL places video tokens on an absolute time axis."""
-    frame_interval = max(1 / sampling.fps, info.duration / sampling.max_frames)  # capped videos spread out
-    return temporal_patch_size * frame_interval
 
 
 @torch.inference_mode()

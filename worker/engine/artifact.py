@@ -9,7 +9,7 @@ it. One artifact is one safetensors file:
     metadata   format          ARTIFACT_FORMAT, as a string
                next_position   the M-RoPE position where text1 starts, as a string
                metadata        JSON of `CompressedKV.metadata` (sorted keys)
-               checksum        sha256 hex, see `_checksum`
+               checksum        sha256 hex, see `checksum`
 
 The checksum covers the three other metadata strings and every tensor's name, dtype, shape and raw
 bytes, so it is computed on the tensors and stored in the same file's header. A flipped bit anywhere that
@@ -125,7 +125,7 @@ class CompressedKV:
             raise ValueError("timestamps must be finite numbers")
         if not isinstance(self.metadata, dict):
             raise ValueError(f"metadata must be a dict, got {type(self.metadata).__name__}")
-        _metadata_json(self.metadata)
+        metadata_json(self.metadata)
 
 
 class ArtifactError(Exception):
@@ -139,14 +139,17 @@ class ArtifactError(Exception):
 
 
 def save_artifact(artifact: CompressedKV, path: Path) -> int:
-    """Write `artifact` to `path` atomically and return the bytes written.
+    """Write `artifact` to `path` atomically (see `write_atomically`) and return the bytes written.
+    Raises ValueError for an inconsistent artifact."""
+    return write_atomically(Path(path), *_encode(artifact))
 
-    The file appears at `path` complete or not at all: the bytes go to a temporary file in the same
-    directory, are flushed to disk and then renamed over `path`, so a reader never sees half a file and
-    a crash mid-write leaves the previous one in place. Raises ValueError for an inconsistent artifact.
+
+def write_atomically(path: Path, header: bytes, body: bytes | memoryview) -> int:
+    """Write `header` then `body` to `path` so that it appears complete or not at all; the bytes written.
+
+    The bytes go to a temporary file in the same directory, are flushed to disk and then renamed over
+    `path`, so a reader never sees half a file and a crash mid-write leaves the previous one in place.
     """
-    path = Path(path)
-    header, body = _encode(artifact)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -170,15 +173,19 @@ def load_artifact(path: Path, device: str | torch.device = "cpu") -> CompressedK
     Raises FileNotFoundError when there is no file, ArtifactError when the file is not a valid artifact
     of this format version.
     """
-    source = str(path)
+    header, tensors = read_safetensors(path)
+    return _decode(header, tensors, str(path)).to(device)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, str] | None, dict[str, torch.Tensor]]:
+    """(header metadata, tensors) of a safetensors file, on CPU. FileNotFoundError when there is none;
+    ArtifactError when it is not a readable safetensors file."""
     try:
         # safe_open memory-maps the file: only the tensors themselves take memory.
         with safe_open(path, framework="pt", device="cpu") as f:
-            header = f.metadata()
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            return f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as e:
-        raise ArtifactError(f"{source}: not a readable safetensors file ({e})") from e
-    return _decode(header, tensors, source).to(device)
+        raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def artifact_to_bytes(artifact: CompressedKV) -> bytes:
@@ -219,27 +226,54 @@ def _encode(artifact: CompressedKV) -> tuple[bytes, memoryview]:
     header = {
         "format": str(ARTIFACT_FORMAT),
         "next_position": str(artifact.next_position),
-        "metadata": _metadata_json(artifact.metadata),
+        "metadata": metadata_json(artifact.metadata),
     }
-    header["checksum"] = _checksum(header, tensors)
+    return encode_checksummed(tensors, header)
+
+
+def encode_checksummed(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> tuple[bytes, memoryview]:
+    """safetensors bytes of `tensors` with `header` and its "checksum" (see `checksum`; every header field
+    is covered, in the order given), as (length prefix and canonical header, data section): kept apart so a
+    file write does not copy the data again."""
+    header = {**header, "checksum": checksum(header, tensors, tuple(header))}
     data = safetensors.torch.save(tensors, metadata=header)
     return _canonical_header(data), memoryview(data)[8 + _header_length(data) :]
 
 
-def _decode(header: Mapping[str, str] | None, tensors: dict[str, torch.Tensor], source: str) -> CompressedKV:
-    """Check a parsed file (format, checksum, names, shapes) and build the artifact, on CPU."""
+def check_header(
+    header: Mapping[str, str] | None,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    fields: tuple[str, ...],
+    fmt: int,
+    kind: str,
+    source: str,
+) -> Mapping[str, str]:
+    """The header of a file written by `encode_checksummed` with `fields` ("format" first), of `kind` in
+    format `fmt`. ArtifactError when it is another kind or version, lacks a field or fails its checksum."""
     header = header or {}
     if "format" not in header:
-        raise ArtifactError(f"{source}: not a compressed-KV artifact (no format in its header)")
-    if header["format"] != str(ARTIFACT_FORMAT):
-        raise ArtifactError(
-            f"{source}: artifact format {header['format']!r}, this worker reads format {ARTIFACT_FORMAT}"
-        )
-    missing = [key for key in (*_HEADER_FIELDS, "checksum") if key not in header]
+        raise ArtifactError(f"{source}: not a {kind} (no format in its header)")
+    if header["format"] != str(fmt):
+        raise ArtifactError(f"{source}: {kind} format {header['format']!r}, this worker reads format {fmt}")
+    missing = [key for key in (*fields, "checksum") if key not in header]
     if missing:
         raise ArtifactError(f"{source}: header lacks {', '.join(missing)}")
-    if _checksum(header, tensors) != header["checksum"]:
+    if checksum(header, tensors, fields) != header["checksum"]:
         raise ArtifactError(f"{source}: checksum mismatch, the file is damaged")
+    return header
+
+
+def _decode(header: Mapping[str, str] | None, tensors: dict[str, torch.Tensor], source: str) -> CompressedKV:
+    """Check a parsed file (format, checksum, names, shapes) and build the artifact, on CPU."""
+    header = check_header(
+        header,
+        tensors,
+        fields=_HEADER_FIELDS,
+        fmt=ARTIFACT_FORMAT,
+        kind="compressed-KV artifact",
+        source=source,
+    )
 
     num_layers = sum(name.endswith(".keys") for name in tensors)
     expected = {"timestamps"} | {
@@ -265,8 +299,8 @@ def _decode(header: Mapping[str, str] | None, tensors: dict[str, torch.Tensor], 
     return artifact
 
 
-def _checksum(header: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 hex over the header fields and every tensor's name, dtype, shape and raw bytes, by sorted name.
+def checksum(header: Mapping[str, str], tensors: Mapping[str, torch.Tensor], fields: Iterable[str]) -> str:
+    """sha256 hex over the header's `fields` and every tensor's name, dtype, shape and raw bytes (by name).
 
     Every piece is length-prefixed, so no two different inputs hash the same stream. Raw bytes, not
     numpy values: numpy has no bfloat16, and a byte view is exact for every dtype.
@@ -279,7 +313,7 @@ def _checksum(header: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) ->
             digest.update(raw.nbytes.to_bytes(8, "little"))
             digest.update(raw)
 
-    for field in _HEADER_FIELDS:
+    for field in fields:
         feed(field, header[field])
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
@@ -292,7 +326,7 @@ def _shape_string(shape: Iterable[int]) -> str:
     return ",".join(str(n) for n in shape)
 
 
-def _metadata_json(metadata: Mapping[str, Any]) -> str:
+def metadata_json(metadata: Mapping[str, Any]) -> str:
     try:
         return json.dumps(metadata, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as e:

@@ -1,16 +1,16 @@
 """Compress a video once into a `CompressedKV`; answer any number of questions from it.
 
-index:  probe -> [pass 1: vision features -> chunk ratios ("paper" only)] -> text0 prefill ->
-        per chunk: vision -> prefill with the guide prompt -> score -> allocate -> keep -> artifact
+index:  probe -> decode + vision once: `VisionFeatures` (kept for question-guided answers) ->
+        [chunk ratios from frame distances ("paper" only)] -> text0 prefill ->
+        per chunk: prefill with the guide prompt -> score -> allocate -> keep -> artifact
 answer: artifact -> fresh cache over its tensors -> question prefill -> greedy decode (+ evidence)
 """
 
 from __future__ import annotations
 
-import math
-import tempfile
+import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +31,9 @@ from worker.engine.adaretake import (
     paper_chunk_ratios,
     stack_scores,
 )
-from worker.engine.answer import seconds_per_grid
-from worker.engine.artifact import ARTIFACT_FORMAT, CompressedKV
-from worker.engine.decode import SampledFrame, probe, sample_frames
+from worker.engine.artifact import ARTIFACT_FORMAT, ArtifactError, CompressedKV
+from worker.engine.decode import SampledFrame
+from worker.engine.features import VisionFeatures
 from worker.engine.generate import embed_tokens, forward, greedy_decode, multimodal_position_ids, new_cache
 from worker.engine.models import LoadedModel
 from worker.engine.prompt import build_followup, build_prompt
@@ -46,7 +46,9 @@ from worker.engine.storage import (
     settings_hash,
 )
 from worker.engine.timing import StageTimer
-from worker.engine.vision import encode_slices
+from worker.engine.vision import encode_video
+
+logger = logging.getLogger(__name__)
 
 
 def use_adaretake_attention(loaded: LoadedModel) -> None:
@@ -55,34 +57,6 @@ def use_adaretake_attention(loaded: LoadedModel) -> None:
     language_model = loaded.model.model.language_model
     if language_model.config._attn_implementation != ATTENTION_NAME:
         language_model.set_attn_implementation(ATTENTION_NAME)
-
-
-@dataclass
-class VideoLayout:
-    """Token arithmetic of one video under one model and sampling."""
-
-    num_frames: int
-    duration: float
-    grid_thw: tuple[int, int, int]
-    tokens_per_grid: int
-    seconds_per_grid: float
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid_thw[0] * self.tokens_per_grid
-
-
-def video_layout(loaded: LoadedModel, video_path, config: CompressionConfig) -> VideoLayout:
-    info = probe(video_path, config.sampling)
-    spec = loaded.vision
-    grid_h, grid_w = info.out_height // spec.patch_size, info.out_width // spec.patch_size
-    return VideoLayout(
-        num_frames=info.num_samples,
-        duration=info.duration,
-        grid_thw=(math.ceil(info.num_samples / spec.temporal_patch_size), grid_h, grid_w),
-        tokens_per_grid=(grid_h // spec.merge_size) * (grid_w // spec.merge_size),
-        seconds_per_grid=seconds_per_grid(info, config.sampling, spec.temporal_patch_size),
-    )
 
 
 @torch.inference_mode()
@@ -95,6 +69,7 @@ def compress_video(
     metadata: dict | None = None,
     on_progress: Callable[[str, float], None] | None = None,
     on_frame: Callable[[SampledFrame], None] | None = None,
+    features: VisionFeatures | None = None,
 ) -> CompressedKV:
     """Run AdaReTaKe's compressed prefill over a video.
 
@@ -105,15 +80,25 @@ def compress_video(
         on_progress: called with (stage, fraction done) as the work advances: ("decoding", 0) first, then
             "encoding" and "prefilling" fractions.
         on_frame: called with every sampled frame as it is decoded (e.g. to write thumbnails), so nothing
-            is decoded twice.
+            is decoded twice; never called when `features` are given.
+        features (VisionFeatures): the video's `encode_video(loaded, video_path, config.sampling)`, when
+            already computed: decoding and vision are skipped (`video_path` is not read) and the result is
+            bit-identical. ValueError when they come from another model or sampling.
     """
     use_adaretake_attention(loaded)
     timer = StageTimer()
     progress = on_progress or (lambda stage, fraction: None)
-    progress("decoding", 0.0)  # frames are decoded as the encoder asks for them: encoding reports next
-    layout = video_layout(loaded, video_path, config)
+    if features is None:
+        features = encode_video(
+            loaded, video_path, config.sampling, timer=timer, on_progress=progress, on_frame=on_frame
+        )
+    else:
+        features.check_fits(loaded, config.sampling)
+        progress("encoding", 1.0)
+    layout = features.layout
     num_layers = loaded.model.config.get_text_config().num_hidden_layers
-    chunk_grids = config.chunk_frames // loaded.vision.temporal_patch_size
+    frames_per_grid = loaded.vision.temporal_patch_size
+    chunk_grids = config.chunk_frames // frames_per_grid
     chunk_tokens = chunk_token_counts(layout.grid_thw[0], layout.tokens_per_grid, chunk_grids)
 
     text0 = build_prompt(loaded.tokenizer, "").text0_ids
@@ -121,68 +106,57 @@ def compress_video(
     video_budget = max(1, config.budget - len(text0))
     ratio = global_ratio(layout.num_tokens, video_budget)
     positions = multimodal_position_ids(loaded, len(text0), layout.grid_thw, layout.seconds_per_grid, 0)
+    if ratio < 1 and config.temporal_allocation == "paper":
+        # Eq. 8-9: every chunk's frame distance decides its share of the budget before the first prefill.
+        distances = chunk_distances(frame_distances(features.grid_means()), chunk_grids)
+        chunk_ratios = paper_chunk_ratios(distances, chunk_tokens, video_budget)
+    else:
+        chunk_ratios = [ratio] * len(chunk_tokens)
 
-    with tempfile.TemporaryDirectory(prefix="videoqa-spill-") as spill_dir:
-        if ratio < 1 and config.temporal_allocation == "paper":
-            # Eq. 8-9 needs every chunk's frame distance before the first chunk is prefilled: a first pass
-            # computes them and spills the vision embeddings to disk, so pixels are decoded once and memory
-            # stays bounded by a chunk.
-            distances, slices = _vision_pass(
-                loaded, video_path, config, chunk_grids, Path(spill_dir), timer, progress, layout, on_frame
-            )
-            chunk_ratios = paper_chunk_ratios(
-                chunk_distances(distances, chunk_grids), chunk_tokens, video_budget
-            )
-        else:
-            slices = _stream_slices(
-                loaded, video_path, config, chunk_grids, timer, progress, layout, on_frame
-            )
-            chunk_ratios = [ratio] * len(chunk_tokens)
-
-        cache = new_cache(loaded)
+    cache = new_cache(loaded)
+    with timer.stage("prefill"):
+        forward(loaded, embed_tokens(loaded, text0), positions[:, : len(text0)], cache)
+    token_frames = [[torch.full((len(text0),), -1, dtype=torch.int32)] for _ in range(num_layers)]
+    kept_per_chunk = []
+    ledger = BudgetLedger(chunk_ratios, chunk_tokens, num_layers)
+    offset = 0
+    for index, num_video in enumerate(chunk_tokens):
+        first_frame = index * chunk_grids * frames_per_grid
         with timer.stage("prefill"):
-            forward(loaded, embed_tokens(loaded, text0), positions[:, : len(text0)], cache)
-        token_frames = [[torch.full((len(text0),), -1, dtype=torch.int32)] for _ in range(num_layers)]
-        timestamps: list[float] = []
-        kept_per_chunk = []
-        ledger = BudgetLedger(chunk_ratios, chunk_tokens, num_layers)
-        offset = 0
-        for index, (chunk_embeds, chunk_times) in enumerate(slices):
-            num_video = chunk_embeds.shape[0]
-            timestamps.extend(chunk_times)
-            with timer.stage("prefill"):
-                chunk_positions = positions[:, len(text0) + offset : len(text0) + offset + num_video]
-                # The guide prompt sits right after the chunk on the temporal axis: one scalar shift.
-                guide_start = chunk_positions[0].max() + 1
-                guide_positions = (guide_start + torch.arange(len(guide), device=loaded.device)).expand(3, -1)
-                scratch = ChunkScratch(num_video=num_video, num_prompt=len(guide))
-                inputs = torch.cat([chunk_embeds[None].to(loaded.dtype), embed_tokens(loaded, guide)], dim=1)
-                forward(
-                    loaded,
-                    inputs,
-                    torch.cat([chunk_positions, guide_positions], dim=1),
-                    cache,
-                    adaretake=scratch,
-                )
-            with timer.stage("compress"):
-                scores = stack_scores(scratch, num_layers)
-                # The reference variant is not held to a budget: its ratios apply as they are.
-                budgeted = config.temporal_allocation != "reference"
-                chunk_ratio = ledger.ratio(index) if budgeted else chunk_ratios[index]
-                keep = (
-                    [num_video] * num_layers
-                    if chunk_ratio >= 1
-                    else chunk_keep_counts(scores, chunk_ratio, config)
-                )
-                ledger.spend(keep)
-                kept = compress_chunk(cache, scores, keep, num_video, len(guide))
-                first_frame = len(timestamps) - len(chunk_times)
-                for layer_frames, layer_kept in zip(token_frames, kept, strict=True):
-                    grids = layer_kept // layout.tokens_per_grid
-                    layer_frames.append((first_frame + grids * loaded.vision.temporal_patch_size).int())
-                kept_per_chunk.append(keep)
-            offset += num_video
-            progress("prefilling", (index + 1) / len(chunk_tokens))
+            chunk_embeds = features.embeds[offset : offset + num_video].to(
+                loaded.device
+            )  # [num_video, hidden]
+            chunk_positions = positions[:, len(text0) + offset : len(text0) + offset + num_video]
+            # The guide prompt sits right after the chunk on the temporal axis: one scalar shift.
+            guide_start = chunk_positions[0].max() + 1
+            guide_positions = (guide_start + torch.arange(len(guide), device=loaded.device)).expand(3, -1)
+            scratch = ChunkScratch(num_video=num_video, num_prompt=len(guide))
+            inputs = torch.cat([chunk_embeds[None].to(loaded.dtype), embed_tokens(loaded, guide)], dim=1)
+            forward(
+                loaded,
+                inputs,
+                torch.cat([chunk_positions, guide_positions], dim=1),
+                cache,
+                adaretake=scratch,
+            )
+        with timer.stage("compress"):
+            scores = stack_scores(scratch, num_layers)
+            # The reference variant is not held to a budget: its ratios apply as they are.
+            budgeted = config.temporal_allocation != "reference"
+            chunk_ratio = ledger.ratio(index) if budgeted else chunk_ratios[index]
+            keep = (
+                [num_video] * num_layers
+                if chunk_ratio >= 1
+                else chunk_keep_counts(scores, chunk_ratio, config)
+            )
+            ledger.spend(keep)
+            kept = compress_chunk(cache, scores, keep, num_video, len(guide))
+            for layer_frames, layer_kept in zip(token_frames, kept, strict=True):
+                grids = layer_kept // layout.tokens_per_grid
+                layer_frames.append((first_frame + grids * frames_per_grid).int())
+            kept_per_chunk.append(keep)
+        offset += num_video
+        progress("prefilling", (index + 1) / len(chunk_tokens))
 
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
@@ -207,7 +181,7 @@ def compress_video(
         values=values,
         token_frames=[torch.cat(frames) for frames in token_frames],
         next_position=int(positions.max()) + 1,
-        timestamps=timestamps,
+        timestamps=list(features.timestamps),
         metadata={
             "model": loaded.name,
             "model_revision": loaded.revision,
@@ -217,52 +191,6 @@ def compress_video(
             **(metadata or {}),
         },
     )
-
-
-def _stream_slices(
-    loaded, video_path, config, chunk_grids, timer, progress, layout, on_frame=None
-) -> Iterator:
-    """(embeddings, timestamps) per chunk, decoded and encoded as the prefill asks for them; each decoded
-    frame goes to `on_frame` first, when given."""
-    frames = sample_frames(video_path, config.sampling)
-    if on_frame is not None:
-        frames = _tapped(frames, on_frame)
-    done = 0
-    for piece in encode_slices(loaded, frames, slice_grids=chunk_grids, timer=timer):
-        done += len(piece.timestamps)
-        progress("encoding", done / max(1, layout.num_frames))
-        yield piece.embeds, piece.timestamps
-
-
-def _tapped(
-    frames: Iterator[SampledFrame], on_frame: Callable[[SampledFrame], None]
-) -> Iterator[SampledFrame]:
-    for frame in frames:
-        on_frame(frame)
-        yield frame
-
-
-def _vision_pass(loaded, video_path, config, chunk_grids, spill: Path, timer, progress, layout, on_frame):
-    """First pass: per-grid distances over the whole video; embeddings spilled to `spill`, one file a chunk.
-    Returns the distances and an iterator over the spilled chunks."""
-    pooled, count = [], 0
-    for index, (embeds, times) in enumerate(
-        _stream_slices(loaded, video_path, config, chunk_grids, timer, progress, layout, on_frame)
-    ):
-        grids = embeds.shape[0] // layout.tokens_per_grid
-        pooled.append(
-            embeds.view(grids, layout.tokens_per_grid, -1).float().mean(dim=1).cpu()
-        )  # [grids, hidden]
-        torch.save((embeds.cpu(), times), spill / f"{index}.pt")
-        count += 1
-
-    def replay():
-        for index in range(count):
-            with timer.stage("spill"):
-                embeds, times = torch.load(spill / f"{index}.pt")
-            yield embeds.to(loaded.device), times
-
-    return frame_distances(torch.cat(pooled)), replay()
 
 
 # ---- the cache of artifacts -------------------------------------------------------------------------
@@ -325,16 +253,57 @@ def get_or_compress(
     key = artifact_key(loaded, video_hash, config)
 
     def build() -> CompressedKV:
-        return compress_video(
-            loaded, video_path, config, metadata={"video_hash": video_hash}, on_progress=on_progress,
-            on_frame=on_frame,
-        )  # fmt: skip
+        features = encode_video(
+            loaded, video_path, config.sampling, on_progress=on_progress, on_frame=on_frame
+        )
+        with timer.stage("store"):  # before the artifact, whose index entry counts both files
+            store.put_features(key, features)
+        artifact = compress_video(
+            loaded,
+            video_path,
+            config,
+            metadata={"video_hash": video_hash},
+            on_progress=on_progress,
+            features=features,
+        )
+        artifact.metadata["report"]["seconds"] |= features.metadata["seconds"]
+        return artifact
 
     got = get_or_build(store, key, build, lock=lock, timer=timer)
     seconds = dict(timer.seconds)
     if not got.hit:
         seconds = {**got.artifact.metadata["report"]["seconds"], **seconds}
     return IndexResult(got.artifact, key, got.hit, got.reason, got.nbytes, seconds, got.tier, got.waited)
+
+
+def compress_for_question(
+    loaded: LoadedModel,
+    store: ArtifactStore,
+    video_path: str | Path,
+    question: str,
+    config: CompressionConfig = CompressionConfig(),
+    *,
+    video_hash: str | None = None,
+    on_progress: Callable[[str, float], None] | None = None,
+) -> tuple[CompressedKV, bool]:
+    """Compress with `question` as the guide prompt (the paper's mode; the result is not stored), from the
+    vision features the index step kept in `store` when it has them -> (artifact, whether they were reused).
+    Without them (never indexed, evicted, damaged) the video is decoded and encoded again."""
+    timer = StageTimer()
+    if video_hash is None:
+        with timer.stage("hash"):
+            video_hash = file_sha256(video_path)
+    with timer.stage("load"):
+        try:
+            features = store.get_features(artifact_key(loaded, video_hash, config))
+        except ArtifactError as error:
+            logger.warning("vision features refused, decoding the video again: %s", error)
+            features = None
+    artifact = compress_video(
+        loaded, video_path, config, guide_question=question, on_progress=on_progress, features=features
+    )
+    artifact.metadata["report"]["seconds"] |= dict(timer.seconds)
+    return artifact, features is not None
 
 
 # ---- answering from the artifact -------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from worker.engine.artifact import ArtifactError, CompressedKV, load_artifact, save_artifact
+from worker.engine.features import VisionFeatures, load_features, save_features
 from worker.engine.timing import StageTimer
 
 KEY_VERSION = "v1"  # first part of every key string; bump when the key layout changes
@@ -97,6 +98,15 @@ class ArtifactStore(ABC):
         artifact = self.get(key)
         return artifact, self.tier if artifact is not None else "none"
 
+    def put_features(self, key: ArtifactKey, features: VisionFeatures) -> int:
+        """Keep the vision features the artifact under `key` was compressed from, for question-guided
+        compressions of the same video; the bytes stored (0: this store does not keep them)."""
+        return 0
+
+    def get_features(self, key: ArtifactKey) -> VisionFeatures | None:
+        """The features `put_features` kept under `key`, or None. Raises ArtifactError when damaged."""
+        return None
+
     def close(self) -> None:  # noqa: B027 (deliberately optional: a disk store holds nothing open)
         """Release connections or handles, if any."""
 
@@ -108,7 +118,9 @@ class ArtifactStore(ABC):
 
 
 class DiskStore(ArtifactStore):
-    """One safetensors file per key under `root`, at `root/<key string>.safetensors`.
+    """One safetensors file per key under `root`, at `root/<key string>.safetensors`, and the vision
+    features it was compressed from beside it, at `root/<key string>.features.safetensors`; `delete`
+    removes both.
 
     Writes are atomic (`save_artifact`), so readers, including other processes sharing the directory,
     see a whole artifact or none, and two writers of one key leave one of their (equal) results.
@@ -119,6 +131,7 @@ class DiskStore(ArtifactStore):
     """
 
     SUFFIX = ".safetensors"
+    FEATURES_SUFFIX = ".features.safetensors"
     tier = "disk"
 
     def __init__(self, root: Path, device: str | torch.device = "cpu") -> None:
@@ -128,6 +141,20 @@ class DiskStore(ArtifactStore):
 
     def path_for(self, key: ArtifactKey) -> Path:
         return self.root / f"{key.to_string()}{self.SUFFIX}"
+
+    def features_path_for(self, key: ArtifactKey) -> Path:
+        return self.root / f"{key.to_string()}{self.FEATURES_SUFFIX}"
+
+    def put_features(self, key: ArtifactKey, features: VisionFeatures) -> int:
+        path = self.features_path_for(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return save_features(features, path)
+
+    def get_features(self, key: ArtifactKey) -> VisionFeatures | None:
+        try:
+            return load_features(self.features_path_for(key), self.device)
+        except FileNotFoundError:
+            return None
 
     def put(self, key: ArtifactKey, artifact: CompressedKV) -> int:
         path = self.path_for(key)
@@ -145,6 +172,7 @@ class DiskStore(ArtifactStore):
 
     def delete(self, key: ArtifactKey) -> bool:
         # Empty directories are left behind on purpose: removing them would race with a concurrent put.
+        self.features_path_for(key).unlink(missing_ok=True)
         try:
             self.path_for(key).unlink()
         except FileNotFoundError:
@@ -161,9 +189,16 @@ class DiskStore(ArtifactStore):
                 continue
 
     def nbytes(self, key: ArtifactKey) -> int | None:
-        """Size of the stored file, or None when there is none."""
+        """Size of the stored artifact file, or None when there is none."""
         try:
             return self.path_for(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def features_nbytes(self, key: ArtifactKey) -> int | None:
+        """Bytes of the stored features file, or None when there is none."""
+        try:
+            return self.features_path_for(key).stat().st_size
         except FileNotFoundError:
             return None
 

@@ -6,16 +6,22 @@ lossless and keeps pixel memory bounded by the slice, not by the video.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import islice
+from pathlib import Path
 
 import torch
 
-from worker.engine.decode import SampledFrame
+from worker.engine.config import SamplingConfig
+from worker.engine.decode import SampledFrame, VideoInfo, probe, sample_frames
+from worker.engine.features import VideoLayout, VisionFeatures
 from worker.engine.models import LoadedModel
 from worker.engine.preprocess import normalisation_table, patchify_frames
 from worker.engine.timing import StageTimer
+
+VISION_SLICE_GRIDS = 16  # temporal grids per vision forward in `encode_video`: 32 frames, one default chunk
 
 
 @dataclass
@@ -77,3 +83,72 @@ def concat_slices(slices: Iterable[VideoSlice]) -> VideoSlice:
         grid_thw=(sum(s.grid_thw[0] for s in slices), grid_h, grid_w),
         timestamps=[t for s in slices for t in s.timestamps],
     )
+
+
+def seconds_per_grid(info: VideoInfo, sampling: SamplingConfig, temporal_patch_size: int) -> float:
+    """Seconds one temporal grid spans: Qwen2.5-VL places video tokens on an absolute time axis."""
+    frame_interval = max(1 / sampling.fps, info.duration / sampling.max_frames)  # capped videos spread out
+    return temporal_patch_size * frame_interval
+
+
+def video_layout(loaded: LoadedModel, video_path, sampling: SamplingConfig) -> VideoLayout:
+    info = probe(video_path, sampling)
+    spec = loaded.vision
+    grid_h, grid_w = info.out_height // spec.patch_size, info.out_width // spec.patch_size
+    return VideoLayout(
+        num_frames=info.num_samples,
+        duration=info.duration,
+        grid_thw=(math.ceil(info.num_samples / spec.temporal_patch_size), grid_h, grid_w),
+        tokens_per_grid=(grid_h // spec.merge_size) * (grid_w // spec.merge_size),
+        seconds_per_grid=seconds_per_grid(info, sampling, spec.temporal_patch_size),
+    )
+
+
+@torch.inference_mode()
+def encode_video(
+    loaded: LoadedModel,
+    video_path: str | Path,
+    sampling: SamplingConfig,
+    *,
+    timer: StageTimer | None = None,
+    on_progress: Callable[[str, float], None] | None = None,
+    on_frame: Callable[[SampledFrame], None] | None = None,
+) -> VisionFeatures:
+    """Decode and vision-encode a video once. The embeddings are gathered on the CPU (so accelerator memory
+    stays bounded by one slice), in the model's dtype.
+
+    Args:
+        timer (StageTimer): charged with "decode" and "vision".
+        on_progress: called with ("decoding", 0) first, then ("encoding", fraction of frames done).
+        on_frame: called with every sampled frame as it is decoded (e.g. to write thumbnails).
+    """
+    timer = timer or StageTimer()
+    progress = on_progress or (lambda stage, fraction: None)
+    progress("decoding", 0.0)  # frames are decoded as the encoder asks for them: encoding reports next
+    layout = video_layout(loaded, video_path, sampling)
+    frames = sample_frames(video_path, sampling)
+    if on_frame is not None:
+        frames = _tapped(frames, on_frame)
+    pieces, timestamps = [], []
+    for piece in encode_slices(loaded, frames, slice_grids=VISION_SLICE_GRIDS, timer=timer):
+        pieces.append(piece.embeds.cpu())
+        timestamps.extend(piece.timestamps)
+        progress("encoding", len(timestamps) / max(1, layout.num_frames))
+    return VisionFeatures(
+        embeds=torch.cat(pieces),
+        timestamps=timestamps,
+        layout=layout,
+        metadata={
+            "model_revision": loaded.revision,
+            "sampling": asdict(sampling),
+            "seconds": dict(timer.seconds),
+        },
+    )
+
+
+def _tapped(
+    frames: Iterable[SampledFrame], on_frame: Callable[[SampledFrame], None]
+) -> Iterator[SampledFrame]:
+    for frame in frames:
+        on_frame(frame)
+        yield frame

