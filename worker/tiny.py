@@ -192,11 +192,22 @@ def build_tokenizer() -> Qwen2Tokenizer:
     return tokenizer
 
 
-def tiny_config(family: str, tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_VLConfig | Qwen2VLConfig:
-    """The tiny config of one family ("qwen2_5_vl" or "qwen2_vl"), its token ids taken from tokenizer."""
+def tiny_config(
+    family: str,
+    tokenizer: PreTrainedTokenizerBase,
+    text: dict | None = None,
+    vision: dict | None = None,
+) -> Qwen2_5_VLConfig | Qwen2VLConfig:
+    """The tiny config of one family ("qwen2_5_vl" or "qwen2_vl"), its token ids taken from tokenizer.
+
+    Args:
+        text (dict | None): entries that replace TEXT_CONFIG's (e.g. a wider or deeper model).
+        vision (dict | None): entries that replace the family's VISION_CONFIG entries.
+    """
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     text_config = {
         **TEXT_CONFIG,
+        **(text or {}),
         "vocab_size": len(tokenizer),
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
@@ -205,7 +216,7 @@ def tiny_config(family: str, tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_VLCo
     config_class = {"qwen2_5_vl": Qwen2_5_VLConfig, "qwen2_vl": Qwen2VLConfig}[family]
     return config_class(
         text_config=text_config,
-        vision_config=VISION_CONFIG[family],
+        vision_config={**VISION_CONFIG[family], **(vision or {})},
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -216,12 +227,19 @@ def tiny_config(family: str, tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_VLCo
 
 
 def build_tiny_model(
-    family: str, tokenizer: PreTrainedTokenizerBase
+    family: str,
+    tokenizer: PreTrainedTokenizerBase,
+    config: Qwen2_5_VLConfig | Qwen2VLConfig | None = None,
+    seed: int = SEED,
 ) -> Qwen2_5_VLForConditionalGeneration | Qwen2VLForConditionalGeneration:
-    """The tiny model of one family with deterministic random weights (seeded init), in eval mode."""
-    config = tiny_config(family, tokenizer)
+    """The model of one family with deterministic random weights (seeded init), in eval mode.
+
+    Args:
+        config: defaults to `tiny_config(family, tokenizer)`.
+    """
+    config = config or tiny_config(family, tokenizer)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         model = _MODEL_CLASS[family](config)
     eos, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
     # The real generation_config.json lists both ends of turn; greedy so that tiny outputs are reproducible.
@@ -244,16 +262,20 @@ def make_tiny(out_dir: Path | str) -> dict[str, Path]:
     tokenizer = build_tokenizer()
     paths = {}
     for family in ("qwen2_5_vl", "qwen2_vl"):
-        path = out_dir / family
-        with _no_progress_bars():
-            build_tiny_model(family, tokenizer).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        preprocessor = {**PREPROCESSOR_CONFIG, "processor_class": _PROCESSOR_CLASS[family]}
-        _write_json(path / "preprocessor_config.json", preprocessor)
-        # The real checkpoints carry the template for the processor too; load_model falls back to it.
-        _write_json(path / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
-        paths[family] = path
+        paths[family] = save_checkpoint(build_tiny_model(family, tokenizer), tokenizer, out_dir / family)
     return paths
+
+
+def save_checkpoint(model, tokenizer: PreTrainedTokenizerBase, path: Path) -> Path:
+    """Write `model` and `tokenizer` as a checkpoint folder laid out like the real ones; prints nothing."""
+    with _no_progress_bars():
+        model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    preprocessor = {**PREPROCESSOR_CONFIG, "processor_class": _PROCESSOR_CLASS[model.config.model_type]}
+    _write_json(path / "preprocessor_config.json", preprocessor)
+    # The real checkpoints carry the template for the processor too; load_model falls back to it.
+    _write_json(path / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    return path
 
 
 @contextmanager
