@@ -86,7 +86,7 @@ def _on_worker_init(**_) -> None:
     from worker.runtime import compression_config
 
     try:
-        compression_config(Settings().preset)
+        compression_config(Settings())
     except ValueError as error:
         logger.critical("worker cannot start: %s", error)
         raise SystemExit(1) from error  # celery's signal dispatch would log and swallow an Exception

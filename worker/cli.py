@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from worker.engine.config import SamplingConfig, default_cache_dir
+from worker.engine.config import default_cache_dir
 
 MODES = ("cached", "question_guided", "uncompressed")
 
@@ -21,16 +21,21 @@ def _mmss(seconds: float) -> str:
 
 
 def _compression_config(args: argparse.Namespace):
+    """The defaults, then what the checkpoint carries (`videoqa.json`), then the flags given."""
     from worker.engine.adaretake import CompressionConfig
+    from worker.engine.checkpoint_settings import read_checkpoint_settings, with_settings
 
-    sampling = SamplingConfig(fps=args.fps, max_frames=args.max_frames, long_side=args.long_side)
-    return CompressionConfig(
-        sampling=sampling,
-        budget=args.budget,
-        chunk_frames=args.chunk_frames,
-        layer_allocation=args.layer_allocation,
-        temporal_allocation=args.temporal_allocation,
-    )
+    config = with_settings(CompressionConfig(), read_checkpoint_settings(args.model))
+    sampling = {"fps": args.fps, "max_frames": args.max_frames, "long_side": args.long_side}
+    flags = {
+        "budget": args.budget,
+        "chunk_frames": args.chunk_frames,
+        "layer_allocation": args.layer_allocation,
+        "temporal_allocation": args.temporal_allocation,
+    }
+    given = {name: value for name, value in flags.items() if value is not None}
+    given["sampling"] = {name: value for name, value in sampling.items() if value is not None}
+    return with_settings(config, given)
 
 
 def _load(args: argparse.Namespace):
@@ -199,14 +204,24 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="where compressed caches are kept (VIDEOQA_CACHE_DIR; default %(default)s)",
     )
     defaults = CompressionConfig()
-    parser.add_argument("--fps", type=float, default=defaults.sampling.fps)
-    parser.add_argument("--max-frames", type=int, default=defaults.sampling.max_frames)
-    parser.add_argument("--long-side", type=int, default=defaults.sampling.long_side)
-    parser.add_argument("--budget", type=int, default=defaults.budget, help="context budget in tokens")
-    parser.add_argument("--chunk-frames", type=int, default=defaults.chunk_frames)
-    parser.add_argument("--layer-allocation", choices=LAYER_ALLOCATIONS, default=defaults.layer_allocation)
+    # None = not given: the checkpoint's videoqa.json, if any, then these defaults apply.
+    carried = "; a checkpoint's videoqa.json may set another default"
     parser.add_argument(
-        "--temporal-allocation", choices=TEMPORAL_ALLOCATIONS, default=defaults.temporal_allocation
+        "--fps", type=float, help=f"frames sampled per second ({defaults.sampling.fps:g}{carried})"
+    )
+    parser.add_argument("--max-frames", type=int, help=f"frame cap ({defaults.sampling.max_frames}{carried})")
+    parser.add_argument(
+        "--long-side", type=int, help=f"longest frame side in pixels ({defaults.sampling.long_side}{carried})"
+    )
+    parser.add_argument("--budget", type=int, help=f"context budget in tokens ({defaults.budget}{carried})")
+    parser.add_argument(
+        "--chunk-frames", type=int, help=f"frames per prefill chunk ({defaults.chunk_frames})"
+    )
+    parser.add_argument(
+        "--layer-allocation", choices=LAYER_ALLOCATIONS, help=f"({defaults.layer_allocation})"
+    )
+    parser.add_argument(
+        "--temporal-allocation", choices=TEMPORAL_ALLOCATIONS, help=f"({defaults.temporal_allocation})"
     )
 
 

@@ -15,6 +15,7 @@ import redis
 from service.contract import Settings
 from service.records import Records
 from worker.engine.adaretake import PRESETS, CompressionConfig
+from worker.engine.checkpoint_settings import read_checkpoint_settings, with_settings
 from worker.tiers import DiskTier, MemoryStore, SingleFlight, TieredStore
 
 logger = logging.getLogger(__name__)
@@ -22,12 +23,18 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10.0  # the API's /readyz wants a heartbeat younger than 30 s
 
 
-def compression_config(preset: str) -> CompressionConfig:
-    """The named preset (`worker.engine.adaretake.PRESETS`); ValueError naming the choices otherwise."""
+def compression_config(settings: Settings) -> CompressionConfig:
+    """The named preset (`worker.engine.adaretake.PRESETS`); ValueError naming the choices otherwise.
+    Unless VIDEOQA_PRESET was set explicitly, what the checkpoint carries (`videoqa.json`) applies on top."""
     try:
-        return PRESETS[preset]
+        config = PRESETS[settings.preset]
     except KeyError:
-        raise ValueError(f"unknown VIDEOQA_PRESET {preset!r}: choose one of {sorted(PRESETS)}") from None
+        raise ValueError(
+            f"unknown VIDEOQA_PRESET {settings.preset!r}: choose one of {sorted(PRESETS)}"
+        ) from None
+    if "preset" in settings.model_fields_set:
+        return config
+    return with_settings(config, read_checkpoint_settings(settings.model))
 
 
 class WorkerRuntime:
@@ -37,7 +44,7 @@ class WorkerRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = settings.keys
-        self.config = compression_config(settings.preset)
+        self.config = compression_config(settings)
         self.client = redis.Redis.from_url(
             settings.redis_url, decode_responses=True, health_check_interval=30
         )
