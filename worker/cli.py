@@ -179,6 +179,21 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_needle(args: argparse.Namespace) -> int:
+    from worker.needle.train import TrainConfig, evaluate, save_trained, train
+
+    config = TrainConfig(family=args.family, seed=args.seed, steps=args.steps)
+    result = train(config, log=_say, workers=args.workers)
+    _say(f"trained in {result.seconds:.0f}s; evaluating on {args.eval_videos} held-out videos per length")
+    accuracy = evaluate(result.loaded, config, args.eval_videos)
+    for length, value in accuracy.items():
+        print(f"colour accuracy, uncompressed, {length}: {value:.1%}")
+    record = {"colour_accuracy": accuracy, "eval_videos": args.eval_videos}
+    folder = save_trained(result, config, args.dir / args.family, record)
+    print(f"{config.family}: {folder}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from worker.serve import serve
 
@@ -236,6 +251,20 @@ def build_parser(engine_commands: bool = True) -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny", help="build tiny random Qwen2.5-VL and Qwen2-VL checkpoints")
     tiny.add_argument("dir", type=Path)
     tiny.set_defaults(run=_cmd_make_tiny)
+
+    needle = commands.add_parser(
+        "train-needle",
+        help="train a small checkpoint from scratch on the synthetic needle task (CPU, ~20 minutes)",
+    )
+    needle.add_argument("dir", type=Path, help="the checkpoint goes to DIR/FAMILY")
+    needle.add_argument("--family", choices=("qwen2_5_vl", "qwen2_vl"), default="qwen2_5_vl")
+    needle.add_argument("--seed", type=int, default=0)
+    needle.add_argument("--steps", type=int, default=400)
+    needle.add_argument("--eval-videos", type=int, default=100, help="held-out videos per length")
+    needle.add_argument(
+        "--workers", type=int, default=4, help="processes computing gradients (the weights are the same)"
+    )
+    needle.set_defaults(run=_cmd_train_needle)
 
     serve = commands.add_parser(
         "serve",

@@ -1,0 +1,426 @@
+"""Train small Qwen2.5-VL / Qwen2-VL checkpoints from scratch, on CPU, on the synthetic needle task.
+
+    videoqa train-needle models/needle --family qwen2_5_vl
+
+Every step draws fresh videos from the seed (`worker.needle.videos`), renders them at the sampling
+rate, passes them through a real H.264 encode and our own decoder and preprocessing (so training sees
+what serving sees), and asks every question template about each video as one multi-turn conversation
+after the video; the loss covers the answer tokens only. The result is an ordinary checkpoint folder
+(`from_pretrained`) with the sampling settings it was trained at (`videoqa.json`) and a record of the
+run (`training.json`: command, seed, losses, held-out accuracy, weights hash).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import torch
+import torch.nn.functional as F
+
+from worker.engine.config import SamplingConfig
+from worker.engine.decode import sample_frames
+from worker.engine.generate import multimodal_position_ids
+from worker.engine.models import LoadedModel, VisionSpec
+from worker.engine.preprocess import normalisation_table, patchify_frames
+from worker.engine.prompt import build_prompt
+from worker.needle.videos import (
+    FRAME_SIZE,
+    GENERIC_QUESTION,
+    QA,
+    VideoSpec,
+    questions,
+    random_spec,
+    render_frame,
+)
+from worker.tiny import build_tiny_model, build_tokenizer, save_checkpoint, tiny_config
+
+FAMILIES = ("qwen2_5_vl", "qwen2_vl")
+SETTINGS_FILE = "videoqa.json"
+RECORD_FILE = "training.json"
+
+# The model: 4 layers of width 96 (6 query heads over 2 KV heads of 16 dims), a 2-block vision tower of
+# width 64. About 0.9M parameters: what 20 minutes of one CPU core can train on this task.
+TEXT = {
+    "hidden_size": 96,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "max_window_layers": 4,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+}
+VISION = {
+    "qwen2_5_vl": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+                   "out_hidden_size": TEXT["hidden_size"]},
+    "qwen2_vl": {"depth": 2, "embed_dim": 64, "mlp_ratio": 2, "num_heads": 4,
+                 "hidden_size": TEXT["hidden_size"]},
+}  # fmt: skip
+# Questions per training conversation: the colour question, then this many others drawn at random.
+OTHER_QUESTIONS = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Deterministic: the same config gives the same weights on the same machine.
+
+    Args:
+        family (str): "qwen2_5_vl" or "qwen2_vl".
+        seed (int): initial weights and every drawn video.
+        steps (int): optimizer steps.
+        videos_per_step (int): videos (one conversation each) whose gradients one step averages.
+        min_seconds (float): shortest training video.
+        max_seconds (float): longest training video; evaluation goes beyond it.
+        lr (float): peak AdamW learning rate (linear warm-up, cosine decay to 10%).
+        warmup (int): warm-up steps.
+        fps (float): sampling rate of training and of the checkpoint's default settings.
+        threads (int): torch CPU threads (fixed, so that runs repeat exactly; one is fastest on a shared
+            2-core machine, where two threads wait on each other).
+    """
+
+    family: str = "qwen2_5_vl"
+    seed: int = 0
+    steps: int = 400
+    videos_per_step: int = 8
+    min_seconds: float = 4.0
+    max_seconds: float = 20.0
+    lr: float = 2e-3
+    warmup: int = 50
+    fps: float = 2.0
+    threads: int = 1
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if not 2 <= self.min_seconds <= self.max_seconds:
+            raise ValueError("need 2 <= min_seconds <= max_seconds")
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(fps=self.fps, long_side=FRAME_SIZE)
+
+
+def checkpoint_settings(config: TrainConfig) -> dict:
+    """The serving defaults a checkpoint carries: how it was trained to see, and its generic task as the
+    guide prompt of the question-agnostic compression."""
+    sampling = config.sampling
+    return {
+        "sampling": {"fps": sampling.fps, "max_frames": sampling.max_frames, "long_side": sampling.long_side},
+        "guide_prompt": GENERIC_QUESTION,
+    }
+
+
+# ---- one conversation ---------------------------------------------------------------------------
+
+
+@dataclass
+class Conversation:
+    """Token ids around the video and which of them are supervised.
+
+    Args:
+        text0 (list[int]): before the video tokens.
+        rest (list[int]): after them: every question, answer and turn marker.
+        targets (list[bool]): per id of `rest`, whether the model is trained to predict it.
+    """
+
+    text0: list[int]
+    rest: list[int]
+    targets: list[bool]
+
+
+def conversation(tokenizer, qas: list[QA]) -> Conversation:
+    """All questions about one video as consecutive chat turns, the video in the first user turn."""
+    first = build_prompt(tokenizer, qas[0].question)
+    rest, targets = list(first.text1_ids), [False] * len(first.text1_ids)
+    for index, qa in enumerate(qas):
+        answer = tokenizer.encode(qa.answer + "<|im_end|>", add_special_tokens=False)
+        rest += answer
+        targets += [True] * len(answer)
+        if index + 1 < len(qas):
+            turn = f"\n<|im_start|>user\n{qas[index + 1].question}<|im_end|>\n<|im_start|>assistant\n"
+            ids = tokenizer.encode(turn, add_special_tokens=False)
+            rest += ids
+            targets += [False] * len(ids)
+    return Conversation(first.text0_ids, rest, targets)
+
+
+def decoded_frames(spec: VideoSpec, sampling: SamplingConfig, workdir: Path) -> list:
+    """The video's frames as serving sees them: rendered at the sampling times, H.264-encoded, decoded and
+    sampled by our own decoder."""
+    path = workdir / "train.mp4"
+    rate = Fraction(sampling.fps).limit_denominator(1000)
+    count = max(2, round(spec.seconds * sampling.fps))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=rate, options={"preset": "ultrafast", "crf": "18"})
+        stream.width = stream.height = FRAME_SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = 1 / rate
+        for index in range(count):
+            frame = av.VideoFrame.from_ndarray(render_frame(spec, index / sampling.fps), format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return [f.image for f in sample_frames(path, sampling)]
+
+
+def batch_loss(loaded: LoadedModel, videos: list[list], talks: list[Conversation], table) -> torch.Tensor:
+    """Mean cross-entropy of the supervised answer tokens of several conversations, in one forward: the
+    vision tower takes every video at once, the language model a right-padded batch."""
+    model = loaded.model
+    inputs = [patchify_frames(frames, loaded.vision, table) for frames in videos]
+    grids = torch.cat([i.video_grid_thw for i in inputs])  # [videos, 3]
+    embeds = model.model.get_video_features(
+        torch.cat([i.pixel_values_videos for i in inputs]), grids
+    ).pooler_output  # one [tokens, hidden] per video
+    embed = model.get_input_embeddings()
+    seconds_per_grid = loaded.vision.temporal_patch_size / TrainConfig().fps
+    rows, positions, wanted, labels = [], [], [], []
+    for video, grid, talk in zip(embeds, grids.tolist(), talks, strict=True):
+        rows.append(torch.cat([embed(torch.tensor(talk.text0)), video, embed(torch.tensor(talk.rest))]))
+        positions.append(multimodal_position_ids(loaded, len(talk.text0), tuple(grid), seconds_per_grid,
+                                                 len(talk.rest)))  # fmt: skip
+        start = len(talk.text0) + video.shape[0]
+        targets = torch.tensor(talk.targets).nonzero()[:, 0]
+        wanted.append(start + targets - 1)  # the token before predicts each target
+        labels.append(torch.tensor(talk.rest)[targets])
+    length = max(row.shape[0] for row in rows)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for index, row in enumerate(rows):
+        mask[index, : row.shape[0]] = 1
+    inputs_embeds = torch.stack([F.pad(row, (0, 0, 0, length - row.shape[0])) for row in rows])
+    position_ids = torch.stack([F.pad(p, (0, length - p.shape[1])) for p in positions], dim=1)  # [3, B, L]
+    hidden = model.model.language_model(
+        inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=mask, use_cache=False
+    ).last_hidden_state  # [B, L, hidden]
+    picked = torch.cat([hidden[index, rows_wanted] for index, rows_wanted in enumerate(wanted)])
+    return F.cross_entropy(model.lm_head(picked).float(), torch.cat(labels))
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+
+def draw_video(config: TrainConfig, step: int, item: int) -> tuple[VideoSpec, list[QA]]:
+    rng = random.Random(f"{config.seed}:{step}:{item}")
+    seconds = round(rng.uniform(config.min_seconds, config.max_seconds), 1)
+    spec = random_spec(rng.randrange(1 << 62), seconds, "train")
+    colour, *others = questions(spec, rng)
+    qas = [colour, *rng.sample(others, min(OTHER_QUESTIONS, len(others)))]
+    rng.shuffle(qas)
+    return spec, qas
+
+
+def as_loaded(model, tokenizer, family: str) -> LoadedModel:
+    """The facts the engine's helpers need, for a model still in memory."""
+    config = model.config
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        family=family,
+        name="training",
+        revision="training",
+        vision=VisionSpec(patch_size=14, temporal_patch_size=2, merge_size=2),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        video_token_id=config.video_token_id,
+        vision_start_token_id=config.vision_start_token_id,
+        vision_end_token_id=config.vision_end_token_id,
+        eos_token_ids=tuple(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])),
+    )
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class TrainResult:
+    loaded: LoadedModel
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train(config: TrainConfig, *, log=None, stop_after: int | None = None, workers: int = 1) -> TrainResult:
+    """Train from scratch; `stop_after` ends early (tests reproduce the first steps).
+
+    Each video's gradient is computed on its own (a batch of one) and a step sums them in video order, so
+    the weights do not depend on `workers`: how many processes compute those gradients in parallel."""
+    torch.set_num_threads(config.threads)
+    tokenizer = build_tokenizer()
+    model_config = tiny_config(config.family, tokenizer, text=TEXT, vision=VISION[config.family])
+    model = build_tiny_model(config.family, tokenizer, model_config, seed=config.seed).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    result = TrainResult(as_loaded(model, tokenizer, config.family))
+    started = time.perf_counter()
+    with GradientPool(config, model, workers) as pool:
+        for step in range(stop_after or config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
+            losses = pool.gradients(step)  # [videos]; pool.slots[i]: video i's flat gradient
+            flat = torch.stack(pool.slots).sum(dim=0) / config.videos_per_step  # [num_params]
+            torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()  # in place: the workers' shared parameters follow
+            total = sum(losses) / config.videos_per_step
+            result.losses.append(total)
+            if log is not None and (step % 25 == 0 or step + 1 == config.steps):
+                log(f"step {step:5d}  loss {total:.4f}  lr {learning_rate(config, step):.2e}  "
+                    f"{time.perf_counter() - started:6.0f}s")  # fmt: skip
+    result.seconds = time.perf_counter() - started
+    model.eval()
+    return result
+
+
+class GradientPool:
+    """Per-video gradients of the current weights, in this process or in forked workers that share the
+    model's parameters (and one gradient slot per video) through shared memory."""
+
+    def __init__(self, config: TrainConfig, model, workers: int) -> None:
+        self.config, self.model, self.workers = config, model, workers
+        for param in model.parameters():
+            param.share_memory_()
+            param.grad = torch.zeros_like(param)
+        count = sum(p.numel() for p in model.parameters())
+        self.slots = [torch.zeros(count).share_memory_() for _ in range(config.videos_per_step)]
+        self._processes: list = []
+
+    def __enter__(self) -> GradientPool:
+        if self.workers > 1:
+            context = torch.multiprocessing.get_context("fork")
+            self._tasks, self._done = context.Queue(), context.Queue()
+            for _ in range(self.workers):
+                process = context.Process(target=self._serve, daemon=True)
+                process.start()
+                self._processes.append(process)
+        else:
+            self._workdir = tempfile.TemporaryDirectory(prefix="videoqa-train-")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _ in self._processes:
+            self._tasks.put(None)
+        for process in self._processes:
+            process.join(timeout=30)
+        if not self._processes:
+            self._workdir.cleanup()
+
+    def gradients(self, step: int) -> list[float]:
+        """Fill every slot with its video's gradient; returns the videos' losses."""
+        items = range(self.config.videos_per_step)
+        if not self._processes:
+            return [self._gradient(step, item, Path(self._workdir.name)) for item in items]
+        for item in items:
+            self._tasks.put((step, item))
+        losses = {}
+        for _ in items:
+            item, loss = self._done.get(timeout=600)
+            if isinstance(loss, str):
+                raise RuntimeError(f"training worker failed: {loss}")
+            losses[item] = loss
+        return [losses[item] for item in items]
+
+    def _gradient(self, step: int, item: int, workdir: Path) -> float:
+        spec, qas = draw_video(self.config, step, item)
+        frames = decoded_frames(spec, self.config.sampling, workdir)
+        loaded = as_loaded(self.model, _tokenizer(), self.config.family)
+        for param in self.model.parameters():
+            param.grad = None
+        talk = conversation(loaded.tokenizer, qas)
+        loss = batch_loss(loaded, [frames], [talk], _table(loaded.vision))
+        loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.model.parameters()]
+        self.slots[item].copy_(torch.nn.utils.parameters_to_vector(grads))
+        return loss.item()
+
+    def _serve(self) -> None:
+        torch.set_num_threads(self.config.threads)
+        with tempfile.TemporaryDirectory(prefix="videoqa-train-") as workdir:
+            while (job := self._tasks.get()) is not None:
+                step, item = job
+                try:
+                    self._done.put((item, self._gradient(step, item, Path(workdir))))
+                except Exception as error:  # the parent raises it; a dead worker would hang the step
+                    self._done.put((item, repr(error)))
+
+
+@functools.cache
+def _tokenizer():
+    return build_tokenizer()
+
+
+@functools.cache
+def _table(spec: VisionSpec) -> torch.Tensor:
+    return normalisation_table(spec)
+
+
+def weights_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    with open(folder / "model.safetensors", "rb") as weights:
+        while chunk := weights.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_trained(result: TrainResult, config: TrainConfig, folder: Path, record: dict) -> Path:
+    """The checkpoint, its serving settings and the record of how it was made."""
+    save_checkpoint(result.loaded.model, result.loaded.tokenizer, folder)
+    (folder / SETTINGS_FILE).write_text(json.dumps(checkpoint_settings(config), indent=2) + "\n")
+    record = {
+        "command": "videoqa " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
+        "config": asdict(config),
+        "seconds": round(result.seconds, 1),
+        "first_losses": result.losses[:5],
+        "losses_every_25": result.losses[::25],
+        "final_loss": sum(result.losses[-25:]) / len(result.losses[-25:]),
+        **record,
+        "weights_sha256": weights_sha256(folder),
+    }
+    (folder / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return folder
+
+
+# ---- held-out evaluation ----------------------------------------------------------------------------
+
+
+def colour_accuracy(loaded: LoadedModel, seconds: float, count: int, workdir: Path, seed: int = 0) -> float:
+    """Share of held-out videos (eval backgrounds, needle anywhere) whose colour question the model
+    answers right, uncompressed, through the real decoder: encoded at 4 fps, sampled at the checkpoint's
+    rate."""
+    from worker.engine.answer import answer_uncompressed
+    from worker.needle.videos import answer_matches, colour_question, write_video
+
+    sampling = TrainConfig().sampling
+    right = 0
+    for index in range(count):
+        spec = random_spec(seed * 1_000_003 + index, seconds, "eval")
+        path = write_video(spec, workdir / f"eval-{seconds:g}-{index}.mp4")
+        qa = colour_question(spec)
+        answer = answer_uncompressed(loaded, path, qa.question, sampling=sampling, max_new_tokens=4)
+        right += answer_matches(answer.text, qa.answer)
+        path.unlink()
+    return right / count
+
+
+def evaluate(loaded: LoadedModel, config: TrainConfig, count: int) -> dict[str, float]:
+    """Colour accuracy at the longest training length and at 2x and 4x it."""
+    torch.set_num_threads(config.threads)
+    with tempfile.TemporaryDirectory(prefix="videoqa-eval-") as workdir:
+        return {
+            f"{factor}x ({config.max_seconds * factor:g} s)": colour_accuracy(
+                loaded, config.max_seconds * factor, count, Path(workdir)
+            )
+            for factor in (1, 2, 4)
+        }
