@@ -49,6 +49,9 @@ def make_video(
     codec: str = "libx264",
     rotation: int | None = None,
     faststart: bool = False,
+    gop: int | None = None,
+    keyframes: list[int] | None = None,
+    bframes: int = 0,
 ) -> list[float]:
     """Encode a synthetic video.
 
@@ -63,6 +66,9 @@ def make_video(
         rotation (int | None): display-matrix rotation in counter-clockwise degrees (phones write
             these), read back by FFmpeg as `frame.rotation`.
         faststart (bool): MP4 index (moov) before the data, so a truncated copy still opens.
+        gop (int | None): libx264: a keyframe every `gop` frames (none but the first when None).
+        keyframes (list[int] | None): libx264: ordinals of frames forced to be keyframes.
+        bframes (int): libx264: B-frames between references (constant frame rate only, see below).
 
     Returns:
         list[float]: the presentation time of every frame written, in seconds.
@@ -72,7 +78,12 @@ def make_video(
     options = {"movflags": "+faststart"} if faststart else {}
     # Near-lossless, so gray levels survive. x264 without B-frames: with them it derives decode times
     # from earlier frames' presentation times and, at uneven spacing, the MP4 track comes out short.
-    codec_options = {"preset": "ultrafast", "crf": "1", "bf": "0"} if codec == "libx264" else {"b": "4M"}
+    codec_options = (
+        {"preset": "ultrafast", "crf": "1", "bf": str(bframes)} if codec == "libx264" else {"b": "4M"}
+    )
+    if codec == "libx264":
+        # No scene-cut keyframes: the tests place them (a flat frame after another is a "scene cut").
+        codec_options |= {"g": str(gop or 100_000), "x264-params": "scenecut=0"}
     with av.open(str(path), "w", options=options) as container:
         stream = container.add_stream(codec, rate=round(fps), options=codec_options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -82,6 +93,8 @@ def make_video(
         for ordinal, time in enumerate(timestamps):
             frame = av.VideoFrame.from_ndarray(synthetic_frame(ordinal, width, height), format="rgb24")
             frame.pts, frame.time_base = round(time / _TIME_BASE), _TIME_BASE
+            if keyframes and ordinal in keyframes:
+                frame.pict_type = av.video.frame.PictureType.I
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return timestamps

@@ -1,15 +1,40 @@
 """A video file -> frames sampled at a fixed rate, sized for the vision tower. PyAV only, no torch.
 
 Sampling follows presentation timestamps, not frame counts, so variable-frame-rate files come out
-right: for every target time the decoded frame nearest to it is picked, in one streaming pass. Only
-picked frames are converted to RGB (swscale, straight to the target size), and at most two decoded
-frames are held at a time, so CPU goes to decoding and memory does not grow with the video's length.
+right: every target time `k / fps` gets a decoded frame within half a sampling interval of it. Only
+picked frames are converted to RGB (swscale, straight to the target size), and at most a few decoded
+frames are held at a time, so memory does not grow with the video's length.
+
+Decoding costs what the sampler needs, not what the file holds. Per video, from the stream's keyframe
+interval (probed from packets, no decoding) and the sampling interval, the cheapest strategy that still
+puts every sample within half an interval of its target:
+
+- `seek`: per sample, seek to the keyframe at or before it; that keyframe is the sample when it lies
+  within half an interval, else decoding goes forward to the nearest frame. For indexed containers
+  (MP4/MOV, Matroska/WebM) when keyframes come at least every half interval, or when the keyframe
+  interval is short enough that seeking decodes fewer frames than reading straight through.
+- `keyframes`: one pass that decodes keyframes only (other packets never reach the decoder), for
+  containers without an index. Should a keyframe gap turn out longer than the probe promised, the
+  packets of that gap are decoded after all, so the guarantee holds.
+- `nonref`: one pass with FFmpeg skipping non-reference frames (most B-frames), when a short probe
+  shows the frames left are never more than an interval apart.
+- `all`: one pass decoding every frame, the nearest to each target is picked (the default for
+  streams with long keyframe intervals and no droppable frames).
+
+Damaged data is decoded around the way FFmpeg does: a packet that fails to decode is counted and
+skipped, a frame FFmpeg flags corrupt is dropped. A sample with no good frame within half an interval
+is lost: it repeats the nearest good frame (so the count stays `num_samples`, as ffmpeg's fps filter
+repeats frames) and its seconds are reported in `SampledVideo.damage`. More than half of the samples
+lost (`MIN_DECODED_FRACTION`) fails the video with `CorruptVideoError`.
 """
 
+import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import av
 import av.error
@@ -31,6 +56,22 @@ END_TOLERANCE = 1.0
 # Bicubic, like ffmpeg's scale filter and Qwen's own image processor; swscale widens the kernel
 # when downscaling, so it does not alias.
 INTERPOLATION = Interpolation.BICUBIC
+# A sample counts as lost when no good frame lies within half an interval of it; a video with more than
+# half of its samples lost fails as corrupt (an interrupted upload, a file mostly garbage), one with
+# less is indexed around the damage (a long recording with a bad stretch).
+MIN_DECODED_FRACTION = 0.5
+Strategy = Literal["all", "nonref", "keyframes", "seek"]
+STRATEGIES: tuple[Strategy, ...] = ("all", "nonref", "keyframes", "seek")
+# Containers whose index makes a seek land exactly on the keyframe at or before the asked time (MPEG-TS
+# and friends seek by guessing byte offsets).
+SEEKABLE_FORMATS = ("mp4", "matroska")
+# Where keyframe gaps are measured, as fractions of the duration (only the start without an index).
+KEYFRAME_PROBE_POINTS = (0.0, 1 / 3, 2 / 3)
+# Skipping non-reference frames is probed on the first seconds, and used only if it drops enough.
+NONREF_PROBE_SECONDS = 2.0
+NONREF_WORTHWHILE = 0.8
+# Demuxing errors in a row after which the rest of the file counts as lost.
+MAX_DEMUX_ERRORS = 100
 # Frozen, so one shared default is safe.
 DEFAULT_SAMPLING = SamplingConfig()
 # Leading bytes of common video containers besides MP4 (box type at offset 4) and MPEG-TS (sync bytes).
@@ -186,8 +227,11 @@ def probe(path: str | os.PathLike, sampling: SamplingConfig = DEFAULT_SAMPLING) 
     with _open(path) as container:
         stream = _video_stream(container, path)
         duration = _duration(stream, path)
-        _, first = next(_decoded(container, stream, path))
-        width, height, rotation = _display_geometry(first, path)
+        source = _FrameSource(container, stream, path)
+        first = source.next()
+        if first is None:
+            source.raise_if_nothing_decoded()
+        width, height, rotation = _display_geometry(first.frame, path)
         out_width, out_height = target_size(width, height, sampling.long_side, sampling.size_multiple)
         return VideoInfo(
             duration=duration,
@@ -203,70 +247,367 @@ def probe(path: str | os.PathLike, sampling: SamplingConfig = DEFAULT_SAMPLING) 
 
 
 def sample_frames(
-    path: str | os.PathLike, sampling: SamplingConfig = DEFAULT_SAMPLING, *, threads: int = 0
-) -> Iterator[SampledFrame]:
-    """Decode a video once and yield, for each time in `sample_times`, the frame nearest to it.
+    path: str | os.PathLike,
+    sampling: SamplingConfig = DEFAULT_SAMPLING,
+    *,
+    threads: int = 0,
+    strategy: Strategy | None = None,
+) -> "SampledVideo":
+    """Decode a video and yield, for each time in `sample_times`, a frame within half an interval of it.
 
-    A generator: frames come out while the file is being decoded, and decoding stops after the last
-    target. When the video is shot slower than `sampling.fps`, one frame can be nearest to two
-    targets and is then yielded twice, so the count always equals `probe(...).num_samples`.
+    Lazy: nothing is read before the first frame is asked for, frames come out while the file is being
+    decoded, and decoding stops after the last target. When the video is shot slower than
+    `sampling.fps`, one frame can serve two targets and is then yielded twice, so the count always
+    equals `probe(...).num_samples`.
 
     Args:
         path (str | os.PathLike): the video file.
         sampling (SamplingConfig): rate, cap and output size.
         threads (int): decoder threads; 0 lets FFmpeg pick one per core.
+        strategy (Strategy | None): force one decoding strategy; None picks the cheapest for this video
+            (`choose_strategy`).
 
-    Yields:
-        SampledFrame: RGB `[out_height, out_width, 3]` images in display orientation, timestamps in
-            seconds since the stream start, in time order.
+    Returns:
+        SampledVideo: an iterator of `SampledFrame` (RGB `[out_height, out_width, 3]` images in display
+            orientation, timestamps in seconds since the stream start, in time order); once exhausted,
+            its `strategy` and `damage` say how it was decoded and which seconds were lost.
 
     Raises:
-        VideoDecodeError: one of its subclasses, naming the file and what is wrong with it.
-            `CorruptVideoError` can come after some frames were yielded (data damaged half-way).
+        VideoDecodeError: one of its subclasses, naming the file and what is wrong with it, while
+            iterating. `CorruptVideoError` can come after some frames were yielded (too much damage).
+    """
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    return SampledVideo(path, sampling, threads=threads, strategy=strategy)
+
+
+@dataclass(frozen=True)
+class Damage:
+    """What a damaged file cost the sampling.
+
+    Args:
+        lost_samples (int): samples with no good frame within half an interval; each repeats the
+            nearest good frame.
+        num_samples (int): all samples.
+        seconds (tuple[tuple[float, float], ...]): `(start, end)` spans of the video the lost samples
+            stand for (half an interval either side of each), merged, in time order.
+        decode_errors (int): packets FFmpeg failed to read or decode, plus frames it flagged corrupt.
+    """
+
+    lost_samples: int = 0
+    num_samples: int = 0
+    seconds: tuple[tuple[float, float], ...] = ()
+    decode_errors: int = 0
+
+
+@dataclass(frozen=True)
+class StreamStructure:
+    """What `probe_structure` learns about a stream's coding, for `choose_strategy`.
+
+    Args:
+        keyframe_interval (float): the longest gap between keyframes seen, in seconds; `math.inf` when a
+            probe window held fewer than two keyframes.
+        seekable (bool): the container has an index that seeking follows exactly (MP4/MOV, Matroska).
+        nonref_gap (float | None): the longest gap between frames left when non-reference frames are
+            skipped, over the first seconds (None: not probed).
+        nonref_fraction (float): the share of frames those are.
+    """
+
+    keyframe_interval: float
+    seekable: bool
+    nonref_gap: float | None = None
+    nonref_fraction: float = 1.0
+
+
+def choose_strategy(structure: StreamStructure, interval: float) -> Strategy:
+    """The cheapest strategy that keeps every sample within `interval / 2` of its target.
+
+    Args:
+        structure (StreamStructure): from `probe_structure`.
+        interval (float): seconds between sample targets.
+    """
+    keyframes = structure.keyframe_interval
+    if keyframes <= interval / 2:  # some keyframe within tolerance of every target: decode one per sample
+        return "seek" if structure.seekable else "keyframes"
+    nonref = structure.nonref_gap is not None and structure.nonref_gap <= interval
+    nonref = nonref and structure.nonref_fraction <= NONREF_WORTHWHILE
+    # Straight through decodes `interval * fraction` seconds of frames per sample; seeking about half a
+    # keyframe interval (from the keyframe to the target).
+    per_sample = interval * (structure.nonref_fraction if nonref else 1.0)
+    if structure.seekable and keyframes / 2 < per_sample:
+        return "seek"
+    return "nonref" if nonref else "all"
+
+
+def probe_structure(path: str | os.PathLike, interval: float, duration: float) -> StreamStructure:
+    """Measure what `choose_strategy` needs: keyframe gaps from packets alone (at the start and, where
+    the container can seek, a third and two thirds in), and, unless keyframes already decide, what
+    skipping non-reference frames leaves of the first `NONREF_PROBE_SECONDS`.
+
+    Args:
+        path (str | os.PathLike): the video file (opened anew: a caller's position is left alone).
+        interval (float): seconds between sample targets: keyframe gaps are measured up to two of them.
+        duration (float): the video stream's length in seconds.
     """
     with _open(path) as container:
         stream = _video_stream(container, path)
-        stream.thread_type = "AUTO"  # frame and slice threads
-        stream.thread_count = threads
-        duration = _duration(stream, path)
-        targets = sample_times(duration, sampling)
-        # One swscale context for all frames: frame.reformat would set up a new one for every frame.
-        reformatter = VideoReformatter()
-        geometry = None  # (out_width, out_height, rotation), known from the first decoded frame
+        seekable = any(name in container.format.name.split(",") for name in SEEKABLE_FORMATS)
+        start, time_base = stream.start_time or 0, float(stream.time_base)
+        gaps = []
+        for point in KEYFRAME_PROBE_POINTS if seekable else KEYFRAME_PROBE_POINTS[:1]:
+            if point:
+                container.seek(start + round(point * duration / time_base), stream=stream)
+            gaps.append(_keyframe_gap(container, stream, window=2 * interval))
+    structure = StreamStructure(keyframe_interval=max(gaps), seekable=seekable)
+    if structure.keyframe_interval <= interval / 2:
+        return structure
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        stream.codec_context.skip_frame = "NONREF"
+        times, packets = [], 0
+        for packet in _packets(container, stream):
+            if packet.pts is not None and (packet.pts - start) * time_base > NONREF_PROBE_SECONDS:
+                break
+            packets += packet.size > 0
+            times.extend((f.pts - start) * time_base for f in _decode(packet) if f.pts is not None)
+    if len(times) < 2:
+        return structure
+    times.sort()
+    gap = max(b - a for a, b in itertools.pairwise(times))
+    return dataclasses.replace(structure, nonref_gap=gap, nonref_fraction=len(times) / packets)
 
-        def sampled(timed_frame: tuple[float, VideoFrame], index: int) -> SampledFrame:
-            timestamp, frame = timed_frame
-            image = _to_rgb(frame, reformatter, *geometry)
-            return SampledFrame(image=image, timestamp=timestamp, index=index)
 
-        index = 0
-        previous = None  # (time, frame): the last decoded frame before targets[index]
-        for time, frame in _decoded(container, stream, path):
-            if geometry is None:
-                width, height, rotation = _display_geometry(frame, path)
-                geometry = (*target_size(width, height, sampling.long_side, sampling.size_multiple), rotation)
-            while index < len(targets) and time >= targets[index]:
-                # targets[index] lies between the previous frame and this one: take the nearer (ties
-                # go to the earlier). Only this frame gets converted; all others are just decoded.
-                target = targets[index]
-                nearer_previous = previous is not None and target - previous[0] <= time - target
-                yield sampled(previous if nearer_previous else (time, frame), index)
-                index += 1
-            if index == len(targets):
-                return  # the rest of the file is never decoded
-            previous = (time, frame)
+def _keyframe_gap(container: InputContainer, stream: VideoStream, window: float) -> float:
+    """The longest gap between keyframe packets from the current position on, reading until `window`
+    seconds past the first keyframe (or the stream's end, which then closes the last gap); `math.inf` if
+    the window holds no second keyframe."""
+    time_base, keys, time = float(stream.time_base), [], None
+    for packet in _packets(container, stream):
+        if packet.pts is None:
+            continue
+        time = packet.pts * time_base
+        if packet.is_keyframe:
+            keys.append(time)
+        if keys and time - keys[0] > window:
+            break
+    else:  # the stream ended inside the window
+        keys.append(time)
+    keys = sorted(k for k in keys if k is not None)
+    if len(keys) < 2:
+        return math.inf
+    return max(b - a for a, b in itertools.pairwise(keys))
 
-        # The stream ended with targets left: fine while they fall within the last frame's display
-        # time, but far past it the data stops short of the declared duration.
-        last_time, last_frame = previous
-        shown_until = last_time + last_frame.duration * float(stream.time_base)
-        if targets[-1] > shown_until + END_TOLERANCE:
-            raise CorruptVideoError(
-                f"{path}: the video stream stops at {shown_until:.2f} s of the {duration:.2f} s it "
-                "declares; the file is probably truncated"
+
+@dataclass
+class _Decoded:
+    time: float  # presentation time, seconds since the stream start
+    end: float  # until when it is shown
+    frame: VideoFrame
+
+    def distance(self, target: float) -> float:
+        """Seconds between `target` and the span this frame is shown."""
+        if target < self.time:
+            return self.time - target
+        return max(0.0, target - self.end)
+
+
+class SampledVideo(Iterator[SampledFrame]):
+    """The frames `sample_frames` yields, and afterwards how they were decoded.
+
+    Attributes:
+        strategy (Strategy | None): the decoding strategy, known once the first frame was asked for.
+        damage (Damage): lost samples and seconds so far; final once the iterator is exhausted.
+    """
+
+    def __init__(self, path, sampling: SamplingConfig, *, threads: int, strategy: Strategy | None) -> None:
+        self.path = path
+        self.sampling = sampling
+        self.threads = threads
+        self.strategy = strategy
+        self.damage = Damage()
+        self._frames = self._sample()
+
+    def __next__(self) -> SampledFrame:
+        return next(self._frames)
+
+    def _sample(self) -> Iterator[SampledFrame]:
+        path, sampling = self.path, self.sampling
+        with _open(path) as container:
+            stream = _video_stream(container, path)
+            duration = _duration(stream, path)
+            targets = sample_times(duration, sampling)
+            interval = targets[1] - targets[0] if len(targets) > 1 else duration
+            tolerance = interval / 2
+            structure = probe_structure(path, interval, duration)
+            self.strategy = self.strategy or choose_strategy(structure, interval)
+            # Frame threads delay every output by a frame per thread: after a seek, those are wasted.
+            stream.thread_type = "SLICE" if self.strategy == "seek" else "AUTO"
+            stream.thread_count = self.threads
+            if self.strategy == "nonref":
+                stream.codec_context.skip_frame = "NONREF"
+            tail = max(tolerance, END_TOLERANCE)  # declared and actual ends differ a little in healthy files
+
+            def uncovered(start: float, end: float) -> bool:
+                # A target between two keyframes with neither within tolerance: the gap needs decoding.
+                return any(start + tolerance < t < end - tolerance for t in targets)
+
+            source = _FrameSource(
+                container, stream, path, keyframes_only=self.strategy == "keyframes", needs_gap=uncovered
             )
-        for remaining in range(index, len(targets)):
-            yield sampled(previous, remaining)
+            reformatter = VideoReformatter()  # one swscale context for all frames
+            geometry = None  # (out_width, out_height, rotation), known from the first decoded frame
+            lost: list[float] = []
+
+            previous, current = None, source.next()  # the good frames either side of the next target
+            if current is None:
+                source.raise_if_nothing_decoded()
+            last_good = current
+            for index, target in enumerate(targets):
+                sought = False
+                if self.strategy == "seek" and current is not None and current.time < target - tolerance:
+                    if target - current.time > structure.keyframe_interval:  # a keyframe lies in between
+                        source.seek(target)
+                        previous, current, sought = None, source.next(), True
+                if not (sought and current is not None and current.distance(target) <= tolerance):
+                    while current is not None and current.time < target:
+                        previous, current = current, source.next()
+                    last_good = current or previous or last_good
+                # Nearest by presentation time, ties to the earlier; either side may be missing.
+                nearer_previous = previous is not None and (
+                    current is None or target - previous.time <= current.time - target
+                )
+                chosen = previous if nearer_previous else current or last_good
+                near = [f.distance(target) for f in (previous, current) if f is not None]
+                if min(near, default=math.inf) > (tail if current is None else tolerance):
+                    lost.append(target)
+                    self.damage = self._damage(lost, targets, duration, tolerance, source.errors)
+                    if len(lost) > len(targets) * (1 - MIN_DECODED_FRACTION):
+                        raise self._too_damaged(source, duration)
+                if geometry is None:
+                    width, height, rotation = _display_geometry(chosen.frame, path)
+                    size = target_size(width, height, sampling.long_side, sampling.size_multiple)
+                    geometry = (*size, rotation)
+                image = _to_rgb(chosen.frame, reformatter, *geometry)
+                yield SampledFrame(image=image, timestamp=chosen.time, index=index)
+            self.damage = self._damage(lost, targets, duration, tolerance, source.errors)
+
+    @staticmethod
+    def _damage(lost: list[float], targets: list[float], duration: float, tolerance: float, errors: int):
+        spans: list[tuple[float, float]] = []
+        for target in lost:
+            start, end = max(0.0, target - tolerance), min(duration, target + tolerance)
+            if spans and start <= spans[-1][1]:
+                spans[-1] = (spans[-1][0], end)
+            else:
+                spans.append((start, end))
+        seconds = tuple((round(a, 3), round(b, 3)) for a, b in spans)
+        return Damage(lost_samples=len(lost), num_samples=len(targets), seconds=seconds, decode_errors=errors)
+
+    def _too_damaged(self, source: "_FrameSource", duration: float) -> CorruptVideoError:
+        damage = self.damage
+        share = f"{damage.lost_samples} of {damage.num_samples} samples"
+        if source.data_ends < duration - END_TOLERANCE:  # the packets themselves stop short
+            return CorruptVideoError(
+                f"{self.path}: the video stream stops at {source.data_ends:.2f} s of the {duration:.2f} s "
+                f"it declares ({share} missing); the file is probably truncated"
+            )
+        return CorruptVideoError(
+            f"{self.path}: {share} lie in data that does not decode ({damage.decode_errors} damaged "
+            f"packets so far); at least {MIN_DECODED_FRACTION:.0%} must decode"
+        )
+
+
+class _FrameSource:
+    """Good frames of one stream in presentation order, read around damage the way FFmpeg does: a packet
+    that fails to decode is counted and skipped, a frame flagged corrupt is counted and dropped.
+
+    With `keyframes_only`, packets other than keyframes are held back (one keyframe gap of compressed
+    data) and reach the decoder only when `needs_gap(start, end)` says a target between the keyframes
+    around them has neither within tolerance."""
+
+    def __init__(self, container, stream, path, *, keyframes_only: bool = False, needs_gap=None) -> None:
+        self.container, self.stream, self.path = container, stream, path
+        self.keyframes_only, self.needs_gap = keyframes_only, needs_gap
+        self.start, self.time_base = stream.start_time or 0, float(stream.time_base)
+        rate = stream.average_rate or stream.guessed_rate
+        self.frame_duration = 1 / float(rate) if rate else 0.0
+        self.errors = self.packets = self.frames = 0
+        self.data_ends = math.inf  # seconds: where the packets ran out, once they have
+        self._iterator = self._decoded()
+
+    def next(self) -> _Decoded | None:
+        return next(self._iterator, None)
+
+    def seek(self, time: float) -> None:
+        """Continue from the keyframe at or before `time` (seconds since the stream start)."""
+        self.container.seek(self.start + math.floor(time / self.time_base), stream=self.stream)
+        self._iterator = self._decoded()
+
+    def raise_if_nothing_decoded(self) -> None:
+        if self.packets:
+            raise CorruptVideoError(f"{self.path}: {self.packets} video packets but not one decodable frame")
+        raise EmptyVideoError(f"{self.path}: the video stream has no frames")
+
+    def _decoded(self) -> Iterator[_Decoded]:
+        held, held_from = [], None  # keyframes_only: the packets after the last keyframe, its time
+        last = 0.0
+        for packet in _packets(self.container, self.stream, self):
+            self.packets += packet.size > 0
+            if packet.pts is not None:
+                last = max(last, (packet.pts - self.start) * self.time_base)
+            if not packet.size:
+                self.data_ends = last
+            if self.keyframes_only:
+                time = None if packet.pts is None else (packet.pts - self.start) * self.time_base
+                if packet.size and not packet.is_keyframe:
+                    held.append(packet)
+                    continue
+                # A keyframe, or the end: decode the gap before it only if a target needs it.
+                until = time if packet.size else math.inf
+                if held and None not in (held_from, until) and self.needs_gap(held_from, until):
+                    yield from (frame for held_packet in held for frame in self._frames(held_packet))
+                held, held_from = [], time
+            yield from self._frames(packet)
+
+    def _frames(self, packet) -> Iterator[_Decoded]:
+        for frame in _decode(packet, self):
+            if frame.pts is None:
+                continue  # cannot be placed in time
+            if frame.is_corrupt:
+                self.errors += 1
+                continue
+            self.frames += 1
+            time = (frame.pts - self.start) * self.time_base
+            shown = frame.duration * self.time_base if frame.duration else self.frame_duration
+            yield _Decoded(time=time, end=time + shown, frame=frame)
+
+
+def _packets(container: InputContainer, stream: VideoStream, counter=None) -> Iterator:
+    """The stream's packets; a demuxing error is skipped (and counted on `counter.errors`) like ffmpeg
+    does, up to MAX_DEMUX_ERRORS in a row."""
+    failures = 0
+    while True:
+        try:
+            for packet in container.demux(stream):
+                failures = 0
+                yield packet
+            return
+        except av.error.FFmpegError:
+            failures += 1
+            if counter is not None:
+                counter.errors += 1
+            if failures >= MAX_DEMUX_ERRORS:
+                return
+
+
+def _decode(packet, counter=None) -> list[VideoFrame]:
+    """The packet's frames; none (and one more on `counter.errors`) when FFmpeg cannot decode it."""
+    try:
+        return packet.decode()
+    except av.error.FFmpegError:
+        if counter is not None:
+            counter.errors += 1
+        return []
 
 
 def _open(path: str | os.PathLike) -> InputContainer:
@@ -341,30 +682,6 @@ def _scan_duration(path: str | os.PathLike, stream_index: int) -> float:
             return float((end - (stream.start_time or 0)) * stream.time_base)
     except av.error.FFmpegError as e:
         raise CorruptVideoError(f"{path}: cannot read the video stream to its end ({e.strerror})") from e
-
-
-def _decoded(
-    container: InputContainer, stream: VideoStream, path: str | os.PathLike
-) -> Iterator[tuple[float, VideoFrame]]:
-    """`(seconds since the stream start, frame)` for every decoded frame, in presentation order."""
-    start, time_base = stream.start_time or 0, float(stream.time_base)
-    packets = frames = 0
-    try:
-        for packet in container.demux(stream):
-            packets += packet.size > 0
-            for frame in packet.decode():
-                if frame.pts is None:
-                    continue  # cannot be placed in time
-                frames += 1
-                yield (frame.pts - start) * time_base, frame
-    except av.error.FFmpegError as e:
-        raise CorruptVideoError(
-            f"{path}: decoding failed after {frames} frames; the file is damaged ({e.strerror})"
-        ) from e
-    if frames == 0 and packets > 0:
-        raise CorruptVideoError(f"{path}: {packets} video packets but not one decodable frame")
-    if frames == 0:
-        raise EmptyVideoError(f"{path}: the video stream has no frames")
 
 
 def _display_geometry(frame: VideoFrame, path: str | os.PathLike) -> tuple[int, int, int]:

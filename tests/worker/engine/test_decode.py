@@ -1,5 +1,6 @@
 import itertools
 import os
+import tempfile
 from pathlib import Path
 
 import av.error
@@ -16,13 +17,18 @@ from tests.helpers import (
 )
 from worker.engine.config import SamplingConfig
 from worker.engine.decode import (
+    MIN_DECODED_FRACTION,
+    STRATEGIES,
     CorruptVideoError,
     EmptyVideoError,
     NotAVideoError,
     NoVideoStreamError,
+    StreamStructure,
     VideoDecodeError,
     VideoTooLargeError,
+    choose_strategy,
     probe,
+    probe_structure,
     sample_frames,
     sample_times,
     target_size,
@@ -47,6 +53,20 @@ def assert_samples_nearest(path: Path, timestamps: list[float], sampling: Sampli
         expected = nearest_ordinal(timestamps, target)
         assert abs(frame.timestamp - timestamps[expected]) < 1e-3  # the frame's own pts, not the target
         assert level_to_ordinal(frame.image) == expected % 37  # and that frame's content
+    return frames
+
+
+def assert_samples_within_tolerance(frames, path: Path, timestamps: list[float], sampling: SamplingConfig):
+    """Every sample within half an interval of its target, and showing the frame its timestamp names."""
+    frames = list(frames)
+    targets = sample_times(probe(path, sampling).duration, sampling)
+    assert [f.index for f in frames] == list(range(len(targets)))
+    interval = targets[1] - targets[0]
+    for frame, target in zip(frames, targets, strict=True):
+        assert abs(frame.timestamp - target) <= interval / 2 + 1e-6
+        ordinal = nearest_ordinal(timestamps, frame.timestamp)
+        assert abs(frame.timestamp - timestamps[ordinal]) < 1e-3  # a real frame's pts
+        assert level_to_ordinal(frame.image) == ordinal % 37  # and that frame's content
     return frames
 
 
@@ -176,11 +196,11 @@ def test_target_size_properties():
 
 
 def test_generator_is_lazy(tmp_path):
-    # Deterministic: the second half of the file is missing, so decoding to the end raises; taking the
-    # first frames must not get there.
+    # Deterministic: most of the file is missing, so decoding to the end raises; taking the first frames
+    # must not get there.
     path = tmp_path / "cut.mp4"
     make_video(path, fps=10, seconds=8, faststart=True)
-    cut = truncated_copy(path, tmp_path / "cut_half.mp4", 0.5)
+    cut = truncated_copy(path, tmp_path / "cut_short.mp4", 0.3)
     first = list(itertools.islice(sample_frames(cut), 2))
     assert [f.index for f in first] == [0, 1]
     with pytest.raises(CorruptVideoError, match="truncated"):
@@ -190,7 +210,7 @@ def test_generator_is_lazy(tmp_path):
 def test_decoding_stops_after_the_last_target(tmp_path):
     path = tmp_path / "cut.mp4"
     make_video(path, fps=10, seconds=8, faststart=True)
-    cut = truncated_copy(path, tmp_path / "cut_half.mp4", 0.5)
+    cut = truncated_copy(path, tmp_path / "cut_short.mp4", 0.3)
     (frame,) = sample_frames(cut, SamplingConfig(max_frames=1))  # needs only t=0: never sees the cut
     assert frame.timestamp == 0
 
@@ -234,13 +254,6 @@ def test_truncated_with_index_first(tmp_path):
     assert probe(cut).duration == pytest.approx(8.0)  # the header still promises 8 s
 
 
-def test_garbage_in_the_middle(tmp_path):
-    path = garbled_copy(BIG_BUCK_BUNNY, tmp_path / "bunny_garbled.mp4", at=0.5, size=20_000)
-    assert probe(path).num_samples == 10  # header and first frame are intact
-    with pytest.raises(CorruptVideoError, match="decoding failed"):
-        list(sample_frames(path))
-
-
 def test_zero_byte_file(tmp_path):
     path = tmp_path / "empty.mp4"
     path.touch()
@@ -267,3 +280,161 @@ def test_error_codes_are_distinct():
     codes = [e.code for e in errors]
     assert codes == ["not_a_video", "no_video_stream", "corrupt_video", "empty_video", "video_too_large"]
     assert all(issubclass(e, VideoDecodeError) for e in errors)
+
+
+# --- decoding strategies: each forced on the same inputs, then the automatic choice ---
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_keeps_samples_within_half_an_interval(tmp_path, strategy):
+    path = tmp_path / "gop.mp4"
+    # Keyframes every 0.5 s, B-frames (x264's pyramid: some of them references), sampled every second.
+    timestamps = make_video(path, fps=10, seconds=6, gop=5, bframes=3)
+    frames = sample_frames(path, SamplingConfig(fps=1), strategy=strategy)
+    got = assert_samples_within_tolerance(frames, path, timestamps, SamplingConfig(fps=1))
+    assert frames.strategy == strategy and frames.damage.lost_samples == 0
+    if strategy in ("keyframes", "seek"):  # a keyframe sits on every target: that is what gets decoded
+        assert [f.timestamp for f in got] == pytest.approx([0, 1, 2, 3, 4, 5])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_follows_variable_frame_rate(tmp_path, strategy):
+    path = tmp_path / "vfr.mkv"
+    make_video(path, timestamps=VFR_TIMESTAMPS, gop=4)
+    frames = sample_frames(path, SamplingConfig(fps=2), strategy=strategy)
+    assert_samples_within_tolerance(frames, path, VFR_TIMESTAMPS, SamplingConfig(fps=2))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_turns_rotated_video(tmp_path, strategy):
+    path = tmp_path / "portrait.mp4"
+    timestamps = make_video(path, width=112, height=56, rotation=90, gop=3)
+    frames = assert_samples_within_tolerance(
+        sample_frames(path, SamplingConfig(fps=2), strategy=strategy), path, timestamps, SamplingConfig(fps=2)
+    )
+    assert frames[0].image.shape == (112, 56, 3) and frames[0].image[-8:, :8].min() > 240
+
+
+def test_seek_decodes_forward_to_the_nearest_frame_when_keyframes_are_sparse(tmp_path):
+    # Keyframes every 4 s, targets every 5 s (2.5 s either way): the keyframes at 4 and 8 s are within
+    # tolerance of the targets at 5 and 10 s and serve them; the one at 12 s is too far from 15 s, so
+    # decoding goes on from it to the frame on the target.
+    path = tmp_path / "long_gop.mp4"
+    timestamps = make_video(path, fps=10, seconds=20, gop=40)
+    sampling = SamplingConfig(fps=0.2)
+    frames = sample_frames(path, sampling, strategy="seek")
+    got = assert_samples_within_tolerance(frames, path, timestamps, sampling)
+    assert [f.timestamp for f in got] == pytest.approx([0, 4, 8, 15])
+
+
+def test_keyframes_pass_decodes_a_gap_longer_than_probed(tmp_path):
+    # MPEG-TS has no index, so one pass over keyframes; the probe sees keyframes every 0.5 s at the start,
+    # then comes a 3-second gap: its packets get decoded for the targets at 2 and 3 s.
+    path = tmp_path / "irregular.ts"
+    timestamps = make_video(path, fps=10, seconds=6, keyframes=[0, 5, 10, 40, 45, 50, 55])
+    sampling = SamplingConfig(fps=1)
+    frames = sample_frames(path, sampling)
+    got = assert_samples_within_tolerance(frames, path, timestamps, sampling)
+    assert frames.strategy == "keyframes" and frames.damage.lost_samples == 0
+    assert [f.timestamp for f in got] == pytest.approx([0, 1, 2, 3, 4, 5])
+
+
+@pytest.mark.parametrize(
+    "name,options,fps,expected",
+    [
+        ("dense_keys.mp4", dict(gop=5), 1, "seek"),  # a keyframe every half interval: one per sample
+        ("dense_keys.ts", dict(gop=5), 1, "keyframes"),  # the same without an index to seek in
+        ("bframes.mp4", dict(bframes=3, fps=25), 2, "nonref"),  # half the frames are droppable B-frames
+        ("plain.mp4", dict(fps=25), 2, "all"),  # one keyframe, every frame a reference
+    ],
+)
+def test_automatic_choice(tmp_path, name, options, fps, expected):
+    path = tmp_path / name
+    timestamps = make_video(path, **{"seconds": 4, **options})
+    frames = sample_frames(path, SamplingConfig(fps=fps))
+    assert_samples_within_tolerance(frames, path, timestamps, SamplingConfig(fps=fps))
+    assert frames.strategy == expected
+
+
+def test_probe_structure(tmp_path):
+    path = tmp_path / "bframes.mp4"
+    make_video(path, fps=25, seconds=4, gop=50, bframes=3)
+    structure = probe_structure(path, interval=1.5, duration=4.0)
+    assert structure.keyframe_interval == pytest.approx(2.0) and structure.seekable
+    assert 0.3 < structure.nonref_fraction < 0.7 and structure.nonref_gap <= 0.2
+    # Two intervals hold no second keyframe: no need to know more.
+    assert probe_structure(path, interval=0.25, duration=4.0).keyframe_interval == float("inf")
+
+
+@pytest.mark.parametrize(
+    "structure,interval,expected",
+    [
+        (StreamStructure(keyframe_interval=2.0, seekable=True), 5.0, "seek"),
+        (StreamStructure(keyframe_interval=2.0, seekable=False), 5.0, "keyframes"),
+        (StreamStructure(keyframe_interval=2.0, seekable=False), 3.0, "all"),  # no keyframe within 1.5 s
+        # Seeking decodes ~1 s of frames per sample, straight through 0.9 s at a 0.9 s interval.
+        (StreamStructure(keyframe_interval=2.0, seekable=True), 0.9, "all"),
+        (StreamStructure(keyframe_interval=2.0, seekable=True), 1.5, "seek"),  # 1 s < 1.5 s
+        (
+            StreamStructure(keyframe_interval=9.0, seekable=True, nonref_gap=0.1, nonref_fraction=0.5),
+            0.5,
+            "nonref",
+        ),
+        (
+            StreamStructure(keyframe_interval=9.0, seekable=True, nonref_gap=0.6, nonref_fraction=0.5),
+            0.5,
+            "all",
+        ),
+        (
+            StreamStructure(keyframe_interval=9.0, seekable=True, nonref_gap=0.1, nonref_fraction=0.95),
+            0.5,
+            "all",
+        ),
+        (StreamStructure(keyframe_interval=float("inf"), seekable=True), 0.5, "all"),
+    ],
+)
+def test_choose_strategy(structure, interval, expected):
+    assert choose_strategy(structure, interval) == expected
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="unknown strategy"):
+        sample_frames(BIG_BUCK_BUNNY, strategy="fastest")
+
+
+# --- damaged data: decoded around, the lost seconds reported, too much damage still fails ---
+
+
+def test_garbage_in_the_middle_is_decoded_around():
+    # Random bytes over a fifth of the file's middle (video and audio data; the index is at the end).
+    size = BIG_BUCK_BUNNY.stat().st_size
+    with tempfile.TemporaryDirectory() as scratch:
+        path = garbled_copy(BIG_BUCK_BUNNY, Path(scratch) / "garbled.mp4", at=0.4, size=size // 5)
+        frames = sample_frames(path)
+        got = list(frames)
+    assert len(got) == 10 and frames.strategy == "all"
+    damage = frames.damage
+    assert damage.num_samples == 10 and 1 <= damage.lost_samples <= 4 and damage.decode_errors > 0
+    assert damage.seconds and all(1.0 <= start < end <= 4.0 for start, end in damage.seconds)
+    for frame in got:  # a lost sample repeats the nearest good frame; every other lies within 0.25 s
+        lost = any(start <= frame.index * 0.5 <= end for start, end in damage.seconds)
+        assert lost or abs(frame.timestamp - frame.index * 0.5) <= 0.25
+
+
+@pytest.mark.parametrize("strategy", ["seek", "keyframes"])
+def test_damage_found_by_seeking_and_keyframe_passes(tmp_path, strategy):
+    path = tmp_path / "gop.mkv"
+    make_video(path, fps=10, seconds=20, gop=5)
+    garbled = garbled_copy(path, tmp_path / "garbled.mkv", at=0.45, size=path.stat().st_size // 10)
+    frames = sample_frames(garbled, SamplingConfig(fps=1), strategy=strategy)
+    got = list(frames)
+    assert len(got) == 20 and 1 <= frames.damage.lost_samples <= 6
+    assert all(5.0 <= start < end <= 15.0 for start, end in frames.damage.seconds)
+
+
+def test_mostly_garbage_fails(tmp_path):
+    path = tmp_path / "cfr.mp4"
+    make_video(path, fps=10, seconds=8, faststart=True, gop=10)
+    garbled = garbled_copy(path, tmp_path / "garbled.mp4", at=0.3, size=path.stat().st_size)
+    with pytest.raises(CorruptVideoError, match=f"at least {MIN_DECODED_FRACTION:.0%} must decode"):
+        list(sample_frames(garbled))
