@@ -6,6 +6,7 @@ Celery, so the API image stays small and workers do not pull the web stack.
 
 from __future__ import annotations
 
+import errno
 from enum import StrEnum
 from pathlib import Path
 
@@ -40,6 +41,11 @@ class JobStatus(StrEnum):
 
 
 TERMINAL_JOB_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED})
+
+
+# OSError numbers that mean "the data volume is full": no space, quota exceeded, file size limit. Uploads
+# answer 507 storage_full, workers fail the video with code "storage_full".
+STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class AskMode(StrEnum):
@@ -111,8 +117,29 @@ class Keys:
         return f"{self.prefix}:artifact:{artifact_key}:videos"
 
     def lock(self, artifact_key: str) -> str:
-        """String with a TTL: single-flight lock while one worker builds this artifact."""
+        """String with a TTL: the single-flight lease (its holder's fencing token) while one worker builds
+        this artifact; renewed by the builder, gone within the lease time of its death."""
         return f"{self.prefix}:lock:{artifact_key}"
+
+    def fence(self, artifact_key: str) -> str:
+        """Integer: the artifact lease's fencing counter (one more per acquisition)."""
+        return f"{self.prefix}:fence:{artifact_key}"
+
+    def job_lease(self, job_id: str) -> str:
+        """String with a TTL: the token of the worker running this job, renewed while it runs."""
+        return f"{self.prefix}:job:{job_id}:lease"
+
+    def job_fence(self, job_id: str) -> str:
+        """Integer: the job lease's fencing counter (one more per run of the job)."""
+        return f"{self.prefix}:job:{job_id}:fence"
+
+    def active_jobs(self) -> str:
+        """Sorted set: ids of the jobs not yet finished, scored by creation time, for the stale-job reaper."""
+        return f"{self.prefix}:jobs:active"
+
+    def reaper(self) -> str:
+        """String with a TTL: the lease of the one worker sweeping for stale jobs right now."""
+        return f"{self.prefix}:reaper"
 
     def workers(self) -> str:
         """Hash: worker name -> last heartbeat (unix seconds), for /readyz."""
@@ -154,7 +181,18 @@ class Settings(BaseSettings):
     preset: str = "paper-7b"
     memory_cache_bytes: int = Field(default=8 * 1024**3, ge=0)
     disk_cache_bytes: int = Field(default=200 * 1024**3, ge=0)
-    task_time_limit: int = Field(default=3600, gt=0)  # seconds; soft limit is 60 s earlier
+    task_time_limit: int = Field(default=3600, ge=10)  # seconds; see soft_time_limit
+    # A job's and a build's lease outlive their worker's death by at most this many seconds.
+    lease_seconds: float = Field(default=30.0, ge=1)
+    # How often a worker sweeps for jobs whose worker died (see worker/recovery.py), and how many runs a
+    # job gets before it fails with "worker_lost".
+    reaper_interval_seconds: float = Field(default=10.0, gt=0)
+    job_attempts: int = Field(default=3, ge=1)
+    # Compressed caches are per tenant unless this is set: sharing them saves GPU time on identical uploads
+    # but tells a tenant that someone else uploaded the same bytes (an instant, cached "ready").
+    share_cache_across_tenants: bool = False
+    # An upload that sends nothing for this long is answered 408 and its connection freed.
+    upload_idle_timeout_seconds: float = Field(default=60.0, gt=0)
 
     @field_validator("redis_url")
     @classmethod
@@ -171,6 +209,12 @@ class Settings(BaseSettings):
             if len(key) < 16:
                 raise ValueError("every API key must be at least 16 characters long")
         return value
+
+    @property
+    def soft_time_limit(self) -> float:
+        """When a task is told to stop (SoftTimeLimitExceeded, recorded as "timeout"): 60 s before the hard
+        limit, or a tenth of it for short limits, so a small limit never leaves a task a second."""
+        return self.task_time_limit - min(60.0, self.task_time_limit / 10)
 
     @property
     def uploads_dir(self) -> Path:

@@ -1,9 +1,10 @@
 """Errors are data: every failure is {"error": {"code": ..., "message": ...}} with a stable code.
 
 Codes: bad_request, malformed_json, validation_error, question_empty, question_too_long, empty_upload,
-invalid_multipart, missing_file, unauthorized, not_found, method_not_allowed, video_failed,
-payload_too_large, unsupported_media_type, multipart_required, redis_unavailable, no_workers,
-queue_unavailable, invalid_token, invalid_range, range_not_satisfiable, conversation_mismatch, internal_error.
+invalid_multipart, missing_file, unauthorized, not_found, method_not_allowed, cors_rejected, video_failed,
+payload_too_large, unsupported_media_type, multipart_required, upload_timeout, storage_full,
+redis_unavailable, no_workers, queue_unavailable, invalid_token, invalid_range, range_not_satisfiable,
+conversation_mismatch, internal_error.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from service.schemas import ErrorBody
 
@@ -74,9 +77,40 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 405:  # Starlette's Allow names the methods of the first route that matched only
+        allow = ", ".join(allowed_methods(request.app, request.scope))
+        message = f"{request.method} is not allowed here; allowed: {allow}"
+        return error_response(405, "method_not_allowed", message, {"Allow": allow})
     code = _CODE_BY_STATUS.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route serves at this path (HEAD wherever GET is: service/http.py), sorted. Asked of
+    each route through `matches`, which sees through included routers."""
+    allowed = [
+        method
+        for method in _METHODS
+        if any(route.matches({**scope, "type": "http", "method": method})[0] == Match.FULL
+               for route in app.router.routes)
+    ]  # fmt: skip
+    return sorted({*allowed, "HEAD"} if "GET" in allowed else allowed)
+
+
+_METHODS = ("DELETE", "GET", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+async def _redis_refused(request: Request, exc: redis.ResponseError) -> JSONResponse:
+    """Redis answered but cannot take writes now (a full disk under its AOF, maxmemory, a read-only
+    replica): unavailable, like Redis down. Any other ResponseError is a bug: a 500, logged."""
+    reply = str(exc).rpartition("caused error: ")[2]  # a pipeline names the command before the reply
+    if reply.startswith(_REDIS_UNAVAILABLE_REPLIES) or isinstance(exc, redis.exceptions.ReadOnlyError):
+        return await _redis_down(request, exc)
+    return await _unexpected(request, exc)
+
+
+_REDIS_UNAVAILABLE_REPLIES = ("MISCONF", "OOM", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS")
 
 
 async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
@@ -97,6 +131,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(redis.ConnectionError, _redis_down)
     app.add_exception_handler(redis.TimeoutError, _redis_down)
+    app.add_exception_handler(redis.ResponseError, _redis_refused)
     app.add_exception_handler(Exception, _unexpected)
     app.openapi = lambda: _openapi_with_error_body(app)
 
@@ -114,9 +149,19 @@ def _openapi_with_error_body(app: FastAPI) -> dict:
         schemas = document.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
+        _document_limits(schemas, app.state.settings)
         app.openapi_schema = _replace_refs(document, "#/components/schemas/HTTPValidationError",
                                            "#/components/schemas/ErrorBody")  # fmt: skip
     return app.openapi_schema
+
+
+def _document_limits(schemas: dict, settings) -> None:
+    """The configured question limits, which the ask route checks itself (to answer with its own codes)."""
+    ask = schemas.get("AskCreate", {}).get("properties", {})
+    if "question" in ask:
+        ask["question"].update(minLength=1, maxLength=settings.max_question_chars)
+    if "max_new_tokens" in ask:
+        ask["max_new_tokens"]["maximum"] = settings.max_new_tokens_limit
 
 
 def _replace_refs(node, old: str, new: str):

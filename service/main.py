@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,17 +10,18 @@ import anyio.to_thread
 import redis
 import redis.asyncio
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from service.contract import Settings
 from service.conversations import Conversations
 from service.errors import install_error_handlers
+from service.http import HeadMiddleware, JSONCORSMiddleware
 from service.limits import BodyLimitMiddleware
 from service.media import MediaTokens
 from service.metrics import Metrics, MetricsMiddleware
 from service.queue import TaskQueue
 from service.records import Records
+from service.recovery import Reaper
 from service.routers import asks, conversations, health, jobs, media, page, videos
 from service.uploads import incoming_dir, sweep_incoming
 
@@ -37,7 +39,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.redis_url, decode_responses=True, socket_timeout=None
         )
         await anyio.to_thread.run_sync(sweep_incoming, incoming_dir(settings))
+        stopping = threading.Event()
+        reaper = threading.Thread(target=Reaper(app.state.records, app.state.queue, settings).run,
+                                  args=(stopping,), name="videoqa-reaper", daemon=True)  # fmt: skip
+        reaper.start()
         yield
+        stopping.set()
+        reaper.join(timeout=15)
         await app.state.async_redis.aclose()
         app.state.records.client.close()
         app.state.queue.close()
@@ -71,9 +79,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, streamed=frozenset({("POST", "/videos")}))
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(HeadMiddleware)
     if origins := settings.cors_origin_list():
         app.add_middleware(
-            CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
+            JSONCORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
             expose_headers=["Location", "Retry-After"],
         )  # fmt: skip
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import redis
 from celery import Celery
 
@@ -46,6 +48,21 @@ class TaskQueue:
             for suffix in _PRIORITY_SUFFIXES:
                 pipe.llen(GPU_QUEUE + suffix)
             return sum(pipe.execute())
+
+    @staticmethod
+    def waiting_ids(client: redis.Redis) -> set[str]:
+        """Task ids (= job ids) of the messages waiting in the GPU queue, read from their headers."""
+        with client.pipeline(transaction=False) as pipe:
+            for suffix in _PRIORITY_SUFFIXES:
+                pipe.lrange(GPU_QUEUE + suffix, 0, -1)
+            lists = pipe.execute()
+        ids = set()
+        for message in (raw for messages in lists for raw in messages):
+            try:
+                ids.add(json.loads(message)["headers"]["id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # not a Celery protocol-2 message: nothing of ours
+        return ids
 
     def close(self) -> None:
         self.celery.close()

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from service.contract import JobStatus, Keys, VideoStatus
+from service.contract import TERMINAL_JOB_STATES, JobStatus, Keys, VideoStatus
 
 EVENT_STREAM_MAXLEN = 10_000
 
@@ -38,6 +38,13 @@ end
 if ARGV[2] ~= '' then redis.call('SADD', KEYS[3], ARGV[2]) end
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 return 1
+"""
+
+# The record, only when it belongs to the tenant: the check happens in Redis, before anything is sent back
+# or decoded, so another tenant's id and no id at all cost the same. KEYS[1] record; ARGV[1] tenant JSON.
+_GET_OWNED = """
+if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return {} end
+return redis.call('HGETALL', KEYS[1])
 """
 
 # XADD only while the job exists, so an event for a deleted job leaves no stream behind.
@@ -73,6 +80,7 @@ class Records:
         self.keys = keys
         self._update_script = client.register_script(_UPDATE_IF_EXISTS)
         self._append_script = client.register_script(_APPEND_IF_EXISTS)
+        self._get_owned_script = client.register_script(_GET_OWNED)
 
     # ---- videos -----------------------------------------------------------------------------------
 
@@ -186,7 +194,9 @@ class Records:
                         pipe.delete(sha_key)
                     pipe.hincrby(self.keys.counter("videos"), record["status"], -1)
                     for job_id, status in zip(job_ids, job_statuses, strict=True):
-                        pipe.delete(self.keys.job(job_id), self.keys.job_events(job_id))
+                        pipe.delete(self.keys.job(job_id), self.keys.job_events(job_id),
+                                    self.keys.job_lease(job_id), self.keys.job_fence(job_id))  # fmt: skip
+                        pipe.zrem(self.keys.active_jobs(), job_id)
                         if status is not None:
                             pipe.hincrby(self.keys.counter("jobs"), json.loads(status), -1)
                     pipe.execute()
@@ -223,6 +233,7 @@ class Records:
                     pipe.multi()
                     pipe.hset(self.keys.job(job_id), mapping=_encode(record))
                     pipe.sadd(self.keys.video_jobs(video_id), job_id)
+                    pipe.zadd(self.keys.active_jobs(), {job_id: now})  # until it finishes
                     pipe.hincrby(self.keys.counter("jobs"), record["status"], 1)
                     pipe.execute()
                     return record
@@ -234,17 +245,26 @@ class Records:
         return self._get(self.keys.job(job_id), tenant)
 
     def _get(self, key: str, tenant: str | None) -> dict | None:
-        raw = self.client.hgetall(key)
-        if not raw:
-            return None
-        record = _decode(raw)
-        if tenant is not None and record.get("tenant") != tenant:
-            return None
-        return record
+        if tenant is None:
+            raw = self.client.hgetall(key)
+        else:
+            reply = self._get_owned_script(keys=[key], args=[json.dumps(tenant)])
+            raw = dict(zip(reply[::2], reply[1::2], strict=True))
+        return _decode(raw) if raw else None
 
     def update_job(self, job_id: str, **fields: Any) -> bool:
-        """Set fields (and updated_at). False, and nothing written, when the job was deleted."""
-        return self._update(self.keys.job(job_id), self.keys.counter("jobs"), fields)
+        """Set fields (and updated_at). False, and nothing written, when the job was deleted.
+
+        A job that reaches a terminal status leaves `Keys.active_jobs()` (if this process dies in between,
+        the stale-job reaper drops it there)."""
+        updated = self._update(self.keys.job(job_id), self.keys.counter("jobs"), fields)
+        if updated and fields.get("status") in TERMINAL_JOB_STATES:
+            self.client.zrem(self.keys.active_jobs(), job_id)
+        return updated
+
+    def active_jobs(self) -> list[str]:
+        """Ids of the jobs not known to be finished, oldest first (see `update_job`)."""
+        return self.client.zrange(self.keys.active_jobs(), 0, -1)
 
     def append_event(self, job_id: str, kind: str, data: dict) -> str | None:
         """XADD an event ("status", "progress", "token", "done") to the job's stream -> its id.

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.contract import AskMode, CacheTier, JobStatus, VideoStatus
 
@@ -90,14 +91,31 @@ class VideoList(BaseModel):
     limit: int
 
 
+def _well_formed(text: str) -> str:
+    """Text that can be stored and sent back as UTF-8: JSON may escape lone surrogates ("\\ud800"), which
+    no UTF-8 encoder accepts, and control characters (NUL, ...) are no part of a question or an id."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    if any(unicodedata.category(ch) == "Cc" and ch not in "\t\n\r" for ch in text):
+        raise ValueError("must not hold control characters (other than tab and newline)")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_well_formed)]
+
+
 class AskCreate(BaseModel):
     """A question about an uploaded video."""
 
     model_config = ConfigDict(extra="forbid")
 
-    video_id: str
-    question: str = Field(description="Not blank; at most VIDEOQA_MAX_QUESTION_CHARS characters.")
-    max_new_tokens: int = Field(default=128, ge=1, description="At most VIDEOQA_MAX_NEW_TOKENS_LIMIT.")
+    video_id: Text
+    question: Text = Field(description="Not blank; at most VIDEOQA_MAX_QUESTION_CHARS characters.")
+    # strict: "12", true and 1000.0 are not token counts
+    max_new_tokens: int = Field(default=128, ge=1, strict=True, description="At most "
+                                "VIDEOQA_MAX_NEW_TOKENS_LIMIT.")  # fmt: skip
     mode: AskMode = AskMode.CACHED
     conversation_id: str | None = Field(
         default=None,

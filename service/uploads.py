@@ -23,7 +23,7 @@ import anyio.to_thread
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from service.contract import Settings
+from service.contract import STORAGE_FULL_ERRNOS, Settings
 from service.errors import APIError
 
 FILE_FIELD = "file"
@@ -203,11 +203,14 @@ async def receive_upload(
     content_length: str | None,
     directory: Path,
     max_bytes: int,
+    idle_timeout: float = 60.0,
 ) -> ReceivedUpload:
     """Stream the multipart field `file` into a new file under `directory`; hash, size-check, sniff.
 
-    Raises APIError: 415 multipart_required / unsupported_media_type, 413 payload_too_large (the partial
-    file is deleted), 400 empty_upload / invalid_multipart, 422 missing_file.
+    Raises APIError: 415 multipart_required / unsupported_media_type, 413 payload_too_large, 400
+    empty_upload / invalid_multipart, 422 missing_file, 408 upload_timeout (nothing arrived for
+    `idle_timeout` seconds), 507 storage_full (the volume is full). The partial file is deleted on every
+    error.
     """
     media_type, params = parse_options_header(content_type)
     if media_type != b"multipart/form-data" or b"boundary" not in params:
@@ -222,12 +225,17 @@ async def receive_upload(
 
     receiver = _Receiver(max_bytes)
     parser = MultipartParser(params[b"boundary"], receiver.callbacks())
-    directory.mkdir(parents=True, exist_ok=True)
-    sink = _FileSink(directory / f"{secrets.token_hex(16)}.part")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        sink = _FileSink(directory / f"{secrets.token_hex(16)}.part")
+    except OSError as exc:
+        if exc.errno in STORAGE_FULL_ERRNOS:
+            raise _storage_full() from exc
+        raise
     container: str | None = None
     try:
         try:
-            async for chunk in chunks:
+            async for chunk in _with_idle_timeout(chunks, idle_timeout):
                 parser.write(chunk)
                 if len(receiver.batch) >= max(SNIFF_BYTES, WRITE_BATCH_BYTES if container else 0):
                     container = container or _sniff_or_refuse(receiver.batch)
@@ -246,10 +254,12 @@ async def receive_upload(
         container = container or _sniff_or_refuse(receiver.batch)
         await _flush(receiver, sink)
         await sink.close()
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(Exception):
             await sink.close()
         sink.path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in STORAGE_FULL_ERRNOS:
+            raise _storage_full() from exc
         raise
     return ReceivedUpload(sink.path, receiver.filename, receiver.size, sink.hash.hexdigest(), container)
 
@@ -266,6 +276,26 @@ def _sniff_or_refuse(head: bytearray) -> str:
         raise APIError(415, "unsupported_media_type", "the file is not a video container this service reads "
                        "(MP4/MOV, Matroska/WebM, AVI, MPEG-TS/PS, FLV, Ogg, ASF, MXF)")  # fmt: skip
     return container
+
+
+async def _with_idle_timeout(chunks: AsyncIterator[bytes], seconds: float) -> AsyncIterator[bytes]:
+    """The chunks, or 408 upload_timeout once none arrived for `seconds`: a client that stops sending must
+    not hold a connection and a partial file forever (uvicorn has no read timeout of its own)."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(iterator), seconds)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            message = f"the upload sent nothing for {seconds:g} seconds"
+            raise APIError(408, "upload_timeout", message, headers={"Connection": "close"}) from None
+        yield chunk
+
+
+def _storage_full() -> APIError:
+    message = "the server's storage is full; try again later"
+    return APIError(507, "storage_full", message, headers={"Retry-After": "60"})
 
 
 def _too_large(max_bytes: int) -> APIError:

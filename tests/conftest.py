@@ -72,3 +72,34 @@ def redis_url(redis_server) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture
+def small_volume(tmp_path):
+    """mount(size) -> a directory on a tmpfs of `size` bytes of its own: writes past it fail with a real
+    ENOSPC. Unmounted after the test; skipped where mounting is not allowed (no CAP_SYS_ADMIN)."""
+    mounted: list[Path] = []
+
+    def mount(size: int) -> Path:
+        directory = tmp_path / f"volume{len(mounted)}"
+        directory.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                                capture_output=True, text=True)  # fmt: skip
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode})")
+        mounted.append(directory)
+        return directory
+
+    yield mount
+    for directory in mounted:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def fill(directory: Path, leave: int) -> Path:
+    """A file taking all but about `leave` bytes of the volume `directory` is on."""
+    import os
+
+    free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+    filler = directory / "filler"
+    filler.write_bytes(b"\0" * max(0, free - leave))
+    return filler

@@ -49,9 +49,11 @@ def celery_config(settings: Settings) -> dict:
         "worker_concurrency": 1,
         "worker_pool": "prefork",
         "task_time_limit": limit,
-        "task_soft_time_limit": max(1, limit - 60),  # SoftTimeLimitExceeded: the job is recorded as failed
+        "task_soft_time_limit": settings.soft_time_limit,  # SoftTimeLimitExceeded: the job fails, "timeout"
         # Redis redelivers a message not acknowledged within the visibility timeout: it must outlast the
-        # longest task, or a slow but healthy task would run twice.
+        # longest task, or a slow but healthy task would run twice. A worker that dies is noticed much
+        # sooner than that: its job lease lapses and the API's reaper sends the job again
+        # (service/recovery.py); the late redelivery then finds the job finished and does nothing.
         "broker_transport_options": {"visibility_timeout": limit + 600},
         "broker_connection_retry_on_startup": True,  # wait for Redis at startup instead of exiting
         "broker_connection_max_retries": None,

@@ -16,6 +16,7 @@ from service.contract import Settings
 from service.records import Records
 from worker.engine.adaretake import PRESETS, CompressionConfig
 from worker.engine.checkpoint_settings import read_checkpoint_settings, with_settings
+from worker.leases import Lease, LeaseKeeper
 from worker.tiers import DiskTier, MemoryStore, SingleFlight, TieredStore
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class WorkerRuntime:
         self._loaded = None
         self._store: TieredStore | None = None
         self._init_lock = threading.Lock()
+        self.keeper = LeaseKeeper(interval=settings.lease_seconds / 3)
 
     @property
     def loaded(self):
@@ -83,8 +85,16 @@ class WorkerRuntime:
         return self._store
 
     def single_flight(self, on_wait=None) -> SingleFlight:
-        """The build lock for `get_or_compress`: one compression per artifact across all workers."""
-        return SingleFlight(self.client, self.keys, timeout=self.settings.task_time_limit, on_wait=on_wait)
+        """The build lease for `get_or_compress`: one compression per artifact across all workers. A live
+        builder is waited for as long as a task may run; a dead one's lease lapses within `lease_seconds`."""
+        s = self.settings
+        return SingleFlight(self.client, self.keys, keeper=self.keeper, ttl=s.lease_seconds,
+                            blocking_timeout=s.task_time_limit, on_wait=on_wait)  # fmt: skip
+
+    def job_lease(self, job_id: str) -> Lease:
+        """The lease a worker holds while it runs `job_id` (the stale-job reaper looks for it)."""
+        return Lease(self.client, self.keys.job_lease(job_id), self.keys.job_fence(job_id),
+                     self.settings.lease_seconds)  # fmt: skip
 
     def warm_up(self) -> None:
         """Load the model and open the tiers now rather than in the first task."""

@@ -7,7 +7,9 @@
 
 Both are idempotent (a redelivered message redoes the work or finds it done: artifacts are keyed by
 content and settings) and stop quietly when their video or job was deleted meanwhile. A bad upload fails
-its video with the decoder's error code and is never retried; only named transient Redis errors are.
+its video with the decoder's error code and is never retried; only named transient Redis errors are, in the
+task itself. While a task runs, its worker renews the job's lease; when the worker dies, the API's stale-job
+reaper (service/recovery.py) sends the job again or fails it.
 The work itself lives in `index_video_job` / `answer_job`, plain functions of a `WorkerRuntime` that tests
 call directly.
 """
@@ -15,10 +17,13 @@ call directly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import redis
 import torch
@@ -28,10 +33,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from service.contract import (
     ANSWER_TASK,
     INDEX_TASK,
+    STORAGE_FULL_ERRNOS,
     TERMINAL_JOB_STATES,
     AskMode,
     CacheTier,
     JobStatus,
+    Settings,
     VideoStatus,
 )
 from service.conversations import Conversations
@@ -46,6 +53,7 @@ from worker.engine.engine import (
     compress_for_question,
     get_or_compress,
 )
+from worker.leases import Lease, LeaseLost
 from worker.runtime import WorkerRuntime
 from worker.thumbnails import ThumbnailWriter
 
@@ -53,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 # Errors worth a retry: the broker or the records' Redis blinked. Everything else is a result.
 TRANSIENT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+RETRY_FIRST_DELAY_S, RETRY_MAX_DELAY_S = 0.5, 30.0
+T = TypeVar("T")
 
 # The engine reports (stage, fraction); video status only moves forward through these.
 _STAGE_STATUS = {
@@ -73,36 +83,76 @@ class Gone(Exception):
 
 
 class GpuTask(Task):
-    """Base of the GPU tasks: the process's runtime (one model, one set of tiers), created on first use,
-    and the retry policy for transient errors."""
+    """Base of the GPU tasks: the process's runtime (one model, one set of tiers), created on first use, and
+    `run_job`: the job's lease, held while the task runs, and retries of transient Redis errors.
 
-    autoretry_for = TRANSIENT_ERRORS
-    retry_backoff = True  # 1, 2, 4, ... s (with jitter: a random part of it), at most retry_backoff_max
-    retry_backoff_max = 120
-    retry_jitter = True
-    max_retries = 5
+    Retries happen here, in the task, with backoff and jitter, for as long as the task may run. Celery's own
+    retry would publish a new message to the broker, which may be the very Redis that is down (Celery then
+    drops the task: `Reject(requeue=False)`, and the job would stay "running" forever)."""
 
     @property
     def runtime(self) -> WorkerRuntime:
         return worker_runtime.current()
 
+    def run_job(self, job_id: str, work: Callable[[WorkerRuntime, Lease], None]) -> None:
+        rt = self.runtime
+        deadline = time.monotonic() + rt.settings.soft_time_limit
+        lease = rt.job_lease(job_id)
+        if not with_transient_retries(lambda: _take(lease, rt.settings.lease_seconds), deadline):
+            logger.info("job %s is run by a live worker already: this delivery is a duplicate", job_id)
+            return
+        rt.keeper.add(lease)
+        try:
+            with_transient_retries(lambda: work(rt, lease), deadline)
+        finally:
+            rt.keeper.discard(lease)
+            lease.release()
+
+
+def _take(lease: Lease, lease_seconds: float) -> bool:
+    """Take the job's lease, waiting out the lease of a worker that died running it (a message redelivered
+    after a killed child finds it still there for up to `lease_seconds`). A live holder keeps renewing it:
+    then False."""
+    deadline = time.monotonic() + 2 * lease_seconds
+    while not lease.acquire():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(min(1.0, lease_seconds / 4))
+    return True
+
+
+def with_transient_retries(call: Callable[[], T], deadline: float) -> T:
+    """`call()`, again after each transient Redis error (backoff 0.5 s doubling to 30 s, with jitter) until
+    `deadline` (time.monotonic()); the error of the last try is raised after it."""
+    delay = RETRY_FIRST_DELAY_S
+    while True:
+        try:
+            return call()
+        except TRANSIENT_ERRORS as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("redis unavailable (%s): trying again in %.1f s", error, delay)
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(2 * delay, RETRY_MAX_DELAY_S)
+
 
 @app.task(name=INDEX_TASK, base=GpuTask, bind=True)
 def index_video(self: GpuTask, video_id: str) -> None:
     """Compress the video once into its artifact (or find it), and mark it ready or failed."""
-    index_video_job(self.runtime, video_id)
+    self.run_job(self.request.id, lambda rt, lease: index_video_job(rt, video_id, lease))
 
 
 @app.task(name=ANSWER_TASK, base=GpuTask, bind=True)
 def answer(self: GpuTask, job_id: str) -> None:
     """Answer the job's question about its video, streaming tokens to the job's events."""
-    answer_job(self.runtime, job_id)
+    self.run_job(job_id, lambda rt, lease: answer_job(rt, job_id, lease))
 
 
 # ---- index ------------------------------------------------------------------------------------------------
 
 
-def index_video_job(rt: WorkerRuntime, video_id: str) -> None:
+def index_video_job(rt: WorkerRuntime, video_id: str, lease: Lease | None = None) -> None:
+    """Index the video; with the job's `lease`, results are written only while no newer run holds it."""
     records = rt.records
     video = records.get_video(video_id)
     if video is None:
@@ -115,10 +165,14 @@ def index_video_job(rt: WorkerRuntime, video_id: str) -> None:
     _set_job_status(records, job_id, JobStatus.RUNNING, started_at=time.time())
     result = None
     try:
-        with _recording_failures(rt, video, job_id):
+        with _recording_failures(rt, video, job_id, lease):
             result = _index(rt, video, job_id)
+            _check(lease)
     except Gone:
         logger.info("index %s: deleted while indexing", video_id)
+        return
+    except LeaseLost as error:
+        logger.warning("index %s: a newer run took the job over (%s); its result stands", video_id, error)
         return
     if result is None:  # failed, and recorded as such
         return
@@ -146,7 +200,8 @@ def _index(rt: WorkerRuntime, video: dict, job_id: str | None) -> IndexResult:
     def on_wait() -> None:  # another worker is compressing this content right now
         _set_job_status(records, job_id, JobStatus.WAITING_FOR_INDEX)
 
-    key = artifact_key(rt.loaded, video["sha256"], rt.config)
+    identity = cache_identity(video, rt.settings)
+    key = artifact_key(rt.loaded, identity, rt.config)
     thumbnails = ThumbnailWriter(rt.settings.frames_dir(key.to_string()))
     try:
         result = get_or_compress(
@@ -157,7 +212,7 @@ def _index(rt: WorkerRuntime, video: dict, job_id: str | None) -> IndexResult:
             on_progress=progress,
             on_frame=thumbnails,
             lock=rt.single_flight(on_wait),
-            video_hash=video["sha256"],
+            video_hash=identity,
         )
         thumbnails.commit()
     finally:
@@ -247,7 +302,8 @@ class _Progress:
 # ---- answer -----------------------------------------------------------------------------------------------
 
 
-def answer_job(rt: WorkerRuntime, job_id: str) -> None:
+def answer_job(rt: WorkerRuntime, job_id: str, lease: Lease | None = None) -> None:
+    """Answer the job; with its `lease`, results are written only while no newer run holds it."""
     records = rt.records
     job = records.get_job(job_id)
     if job is None or job["status"] in TERMINAL_JOB_STATES:
@@ -262,13 +318,15 @@ def answer_job(rt: WorkerRuntime, job_id: str) -> None:
         return
     _set_job_status(records, job_id, JobStatus.RUNNING, started_at=time.time())
     try:
-        with _recording_failures(rt, video, job_id):
-            _answer(rt, job, video)
+        with _recording_failures(rt, video, job_id, lease):
+            _answer(rt, job, video, lease)
     except Gone:
         logger.info("answer %s: deleted while answering", job_id)
+    except LeaseLost as error:
+        logger.warning("answer %s: a newer run took the job over (%s); its result stands", job_id, error)
 
 
-def _answer(rt: WorkerRuntime, job: dict, video: dict) -> None:
+def _answer(rt: WorkerRuntime, job: dict, video: dict, lease: Lease | None) -> None:
     records, job_id = rt.records, job["id"]
     question = job["question"]
     started = time.perf_counter()
@@ -309,6 +367,7 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict) -> None:
         "generate": reply.timings["generate"],
         "total": time.perf_counter() - started,
     }
+    _check(lease)
     _finish_job(
         records,
         job_id,
@@ -355,6 +414,15 @@ def video_path(rt: WorkerRuntime, video: dict) -> Path:
     """The upload's path: as recorded when absolute, else relative to the data directory."""
     path = Path(video["path"])
     return path if path.is_absolute() else rt.settings.data_dir / path
+
+
+def cache_identity(video: dict, settings: Settings) -> str:
+    """The content hash the video's compressed cache is keyed by: its bytes' sha256 mixed with its tenant, so
+    no tenant can learn from a cache hit that another uploaded the same bytes. With
+    VIDEOQA_SHARE_CACHE_ACROSS_TENANTS, the bare sha256: identical uploads share one compression."""
+    if settings.share_cache_across_tenants:
+        return video["sha256"]
+    return hashlib.sha256(f"{video['tenant']}\0{video['sha256']}".encode()).hexdigest()
 
 
 def cache_reason(result: IndexResult) -> str:
@@ -413,8 +481,15 @@ def _fail_job(records: Records, job_id: str | None, code: str, message: str) -> 
         records.append_event(job_id, "done", {"status": JobStatus.FAILED.value, "error_code": code})
 
 
+def _check(lease: Lease | None) -> None:
+    if lease is not None:
+        lease.check()
+
+
 @contextlib.contextmanager
-def _recording_failures(rt: WorkerRuntime, video: dict, job_id: str | None) -> Iterator[None]:
+def _recording_failures(
+    rt: WorkerRuntime, video: dict, job_id: str | None, lease: Lease | None = None
+) -> Iterator[None]:
     """Turn what can go wrong inside a task into records. The task then ends normally and the worker takes
     the next message:
 
@@ -422,16 +497,19 @@ def _recording_failures(rt: WorkerRuntime, video: dict, job_id: str | None) -> I
         soft time limit                              job failed, "timeout"
         CUDA out of memory                           job failed, "out_of_memory"; the CUDA cache emptied
         anything else (a bug, out of memory)         job failed, "internal_error"; logged with traceback
-        transient Redis errors, Gone                 re-raised: the task retries, or stops quietly
+        disk full (ENOSPC, EDQUOT, EFBIG)            video and job failed, "storage_full"; nothing half-done
+        transient Redis errors, Gone, LeaseLost      re-raised: the task retries, or stops quietly
 
+    Nothing is written once a newer run holds the job's `lease` (LeaseLost).
     An index job's failure fails its video too (unless the video is ready: then only a rebuild failed).
     """
     records = rt.records
     try:
         yield
-    except (Gone, *TRANSIENT_ERRORS):
+    except (Gone, LeaseLost, *TRANSIENT_ERRORS):
         raise
     except (VideoDecodeError, UploadMissing) as error:
+        _check(lease)
         message = str(error).replace(str(video_path(rt, video)), video["filename"])  # no server paths
         records.update_video(
             video["id"],
@@ -443,8 +521,12 @@ def _recording_failures(rt: WorkerRuntime, video: dict, job_id: str | None) -> I
         _fail_job(records, job_id, error.code, message)
         logger.info("video %s failed: %s (%s)", video["id"], message, error.code)
     except Exception as error:
+        _check(lease)
         if isinstance(error, SoftTimeLimitExceeded):
             code, message = "timeout", "the task ran past its time limit (VIDEOQA_TASK_TIME_LIMIT)"
+        elif isinstance(error, OSError) and error.errno in STORAGE_FULL_ERRNOS:
+            code, message = "storage_full", "the data volume is full; free space on it and upload again"
+            logger.error("job %s about video %s: %s", job_id, video["id"], error)
         elif isinstance(error, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()  # give the next task the memory this one was holding
             code, message = "out_of_memory", "the GPU ran out of memory for this video; try a smaller preset"

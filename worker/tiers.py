@@ -3,7 +3,7 @@
     MemoryStore   this process's LRU of ready artifacts, on the model's device, bounded in bytes
     DiskTier      the shared volume's `DiskStore`, bounded in bytes through an index in Redis
     TieredStore   memory, then disk (a disk hit is promoted to memory); reports which tier answered
-    SingleFlight  a Redis lock per artifact key, so one worker compresses and the others wait and read
+    SingleFlight  a Redis lease per artifact key, so one worker compresses and the others wait and read
 
 The Redis index is the one `service.records` maintains: per artifact a hash `Keys.artifact(key)` (bytes,
 tier, created, last_used; JSON-encoded fields), the sorted set `Keys.artifact_lru()` scored by last use,
@@ -28,6 +28,7 @@ from service.contract import CacheTier, Keys
 from worker.engine.artifact import CompressedKV
 from worker.engine.features import VisionFeatures
 from worker.engine.storage import ArtifactKey, ArtifactStore, BuildLock, DiskStore, Obtained, get_or_build
+from worker.leases import Lease, LeaseKeeper
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class DiskTier(ArtifactStore):
     """A `DiskStore` on the volume every worker shares, kept under `budget_bytes` by evicting least recently
     used artifacts, across processes, through the Redis index.
 
-    Never evicted: the artifact just put, and any artifact whose single-flight lock is held (being rebuilt
+    Never evicted: the artifact just put, and any artifact whose single-flight lease is held (being rebuilt
     right now). An evicted artifact is simply a miss for the next reader, which rebuilds it. Two workers
     evicting at once may together evict a little more than needed; never less.
 
@@ -309,19 +310,22 @@ class TieredStore(ArtifactStore):
 
 
 class SingleFlight:
-    """A `BuildLock` for `get_or_build`: a Redis lock per artifact key, shared by every worker.
+    """A `BuildLock` for `get_or_build`: a lease per artifact key (`worker.leases`), shared by every worker.
 
-    The first caller takes the lock and builds; the others call `on_wait` once, then block until it is
-    released and read the artifact from the store. The lock expires after `timeout` seconds (the task time
-    limit), so a worker killed mid-build never blocks the key for longer than a task could have run.
+    The first caller takes the lease and builds, renewing it from `keeper`'s thread meanwhile; the others
+    call `on_wait` once, then poll until it is free and read the artifact from the store. A builder that
+    dies stops renewing, so its lease expires within `ttl` seconds and a waiter takes over the build. The
+    lease's fencing token is checked before the result is stored (`get_or_build` calls `check`): a stale
+    builder never overwrites what a newer one stored.
 
     Args:
-        client (redis.Redis): the lock's Redis.
-        keys (Keys): the deployment's Redis key layout (`Keys.lock`).
-        timeout (float): seconds the lock lives without being released.
-        blocking_timeout (float | None): most seconds to wait for it; then build anyway (duplicated work is
-            safe: writes are atomic and equal). None: wait up to `timeout`.
-        on_wait (Callable[[], None] | None): called when another worker holds the lock.
+        client (redis.Redis): the lease's Redis.
+        keys (Keys): the deployment's Redis key layout (`Keys.lock`, `Keys.fence`).
+        keeper (LeaseKeeper): renews the lease while the build runs.
+        ttl (float): seconds the lease outlives its holder's last renewal.
+        blocking_timeout (float): most seconds to wait for a live holder; then build anyway, unfenced
+            (duplicated work is safe: writes are atomic and equal).
+        on_wait (Callable[[], None] | None): called when another worker holds the lease.
     """
 
     def __init__(
@@ -329,38 +333,42 @@ class SingleFlight:
         client: redis.Redis,
         keys: Keys,
         *,
-        timeout: float,
-        blocking_timeout: float | None = None,
+        keeper: LeaseKeeper,
+        ttl: float,
+        blocking_timeout: float,
         on_wait: Callable[[], None] | None = None,
         poll_seconds: float = 0.1,
     ) -> None:
         self.client = client
         self.redis_keys = keys
-        self.timeout = timeout
-        self.blocking_timeout = timeout if blocking_timeout is None else blocking_timeout
+        self.keeper = keeper
+        self.ttl = ttl
+        self.blocking_timeout = blocking_timeout
         self.on_wait = on_wait
         self.poll_seconds = poll_seconds
 
     @contextlib.contextmanager
-    def __call__(self, key: ArtifactKey) -> Iterator[bool]:
-        lock = self.client.lock(
-            self.redis_keys.lock(key.to_string()), timeout=self.timeout, sleep=self.poll_seconds
-        )
-        waited = False
-        held = lock.acquire(blocking=False)
+    def __call__(self, key: ArtifactKey) -> Iterator[Lease]:
+        name = key.to_string()
+        lease = Lease(self.client, self.redis_keys.lock(name), self.redis_keys.fence(name), self.ttl)
+        held = lease.acquire()
         if not held:
-            waited = True
+            lease.waited = True
             if self.on_wait is not None:
                 self.on_wait()
-            held = lock.acquire(blocking=True, blocking_timeout=self.blocking_timeout)
+            deadline = time.monotonic() + self.blocking_timeout
+            while not (held := lease.acquire()) and time.monotonic() < deadline:
+                time.sleep(self.poll_seconds)
             if not held:
-                logger.warning("waited %ss for %s; building it without the lock", self.blocking_timeout, key)
+                logger.warning("waited %ss for %s; building it without the lease", self.blocking_timeout, key)
+        if held:
+            self.keeper.add(lease)
         try:
-            yield waited
+            yield lease
         finally:
             if held:
-                with contextlib.suppress(redis.exceptions.LockError):  # expired: maybe another's by now
-                    lock.release()
+                self.keeper.discard(lease)
+                lease.release()
 
 
 def get_or_build_shared(
@@ -370,10 +378,14 @@ def get_or_build_shared(
     key: ArtifactKey,
     build: Callable[[], CompressedKV],
     *,
-    timeout: float,
+    keeper: LeaseKeeper,
+    ttl: float,
+    blocking_timeout: float = 3600,
     on_wait: Callable[[], None] | None = None,
 ) -> Obtained:
-    """`worker.engine.storage.get_or_build` with a `SingleFlight` lock: across workers sharing `client`, one
+    """`worker.engine.storage.get_or_build` with a `SingleFlight` lease: across workers sharing `client`, one
     builds the key and the rest read its result."""
-    lock: BuildLock = SingleFlight(client, keys, timeout=timeout, on_wait=on_wait)
+    lock: BuildLock = SingleFlight(
+        client, keys, keeper=keeper, ttl=ttl, blocking_timeout=blocking_timeout, on_wait=on_wait
+    )
     return get_or_build(store, key, build, lock=lock)

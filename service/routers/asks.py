@@ -32,7 +32,7 @@ def ask(
     question = body.question.strip()
     if not question:
         raise APIError(422, "question_empty", "the question is empty")
-    if len(question) > settings.max_question_chars:
+    if len(body.question) > settings.max_question_chars:  # as sent: openapi.yaml's maxLength
         raise APIError(422, "question_too_long",
                        f"the question is longer than {settings.max_question_chars} characters")  # fmt: skip
     max_new_tokens = body.max_new_tokens

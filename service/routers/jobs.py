@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -14,15 +15,18 @@ from starlette.concurrency import run_in_threadpool
 
 from service.contract import TERMINAL_JOB_STATES
 from service.deps import AsyncRedisDep, RecordsDep, SettingsDep, TenantDep
-from service.errors import not_found, responses
+from service.errors import APIError, not_found, responses
 from service.records import Records, decode_events
 from service.schemas import JobPublic
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 SSE_KEEPALIVE_S = 15.0
 WAKING_EVENTS = frozenset({"status", "done"})  # events after which the job record may have changed state
 STREAM_ID_PATTERN = r"^\d{1,20}-\d{1,20}$"
+MAX_STREAM_ID_PART = 2**64 - 1  # a Redis stream id is two unsigned 64-bit integers
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=responses(401, 404, 422))
@@ -68,7 +72,8 @@ async def get_job(
     responses={
         200: {
             "description": "`event: status|progress|token|done`, `data: <json>`, `id: <stream id>`; "
-            "ends after `done`. Reconnect with Last-Event-ID to resume.",
+            "ends after `done` (or an `error` event when the job store goes away). Reconnect with "
+            "Last-Event-ID to resume.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
         **responses(401, 404, 422),
@@ -82,6 +87,8 @@ async def job_events(
     last_event_id: Annotated[str | None, Header(pattern=STREAM_ID_PATTERN)] = None,
 ) -> StreamingResponse:
     """Follow a job as Server-Sent Events: status changes, progress, answer tokens, then done."""
+    if last_event_id is not None and any(int(part) > MAX_STREAM_ID_PART for part in last_event_id.split("-")):
+        raise APIError(422, "validation_error", "Last-Event-ID: both parts must be below 2**64")
     job = await run_in_threadpool(records.get_job, job_id, tenant)
     if job is None:
         raise not_found("job")
@@ -93,6 +100,20 @@ async def job_events(
 
 
 async def _event_stream(
+    records: Records, aredis: redis.asyncio.Redis, job_id: str, tenant: str, after: str
+) -> AsyncIterator[str]:
+    """The events, ending with an `error` event (code redis_unavailable) when Redis goes away meanwhile: the
+    client reconnects with Last-Event-ID and misses nothing."""
+    try:
+        async for message in _events(records, aredis, job_id, tenant, after):
+            yield message
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("event stream of %s ended: redis unavailable (%s)", job_id, exc)
+        error = {"code": "redis_unavailable", "message": "the job store is unavailable; reconnect later"}
+        yield f"event: error\ndata: {json.dumps(error)}\nretry: 5000\n\n"
+
+
+async def _events(
     records: Records, aredis: redis.asyncio.Redis, job_id: str, tenant: str, after: str
 ) -> AsyncIterator[str]:
     stream = records.keys.job_events(job_id)

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/videos", tags=["videos"])
 
 INDEX_RETRY_AFTER_S = 5
+MAX_OFFSET = 1_000_000_000  # Redis ranges are 64-bit: an offset near 2**63 would overflow there
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -46,7 +47,7 @@ _UPLOAD_BODY = {
     response_model=VideoPublic,
     responses={
         200: {"model": VideoPublic, "description": "The caller uploaded these bytes before: that video."},
-        **responses(400, 401, 413, 415, 422, 503),
+        **responses(400, 401, 408, 413, 415, 422, 503, 507),
     },
     openapi_extra=_UPLOAD_BODY,
 )
@@ -61,6 +62,7 @@ async def upload_video(
         content_length=request.headers.get("content-length"),
         directory=incoming_dir(settings),
         max_bytes=settings.max_upload_bytes,
+        idle_timeout=settings.upload_idle_timeout_seconds,
     )
     try:
         video, created = await run_in_threadpool(register_upload, upload, settings, records, queue, tenant)
@@ -109,7 +111,7 @@ def register_upload(
 def list_videos(
     records: RecordsDep,
     tenant: TenantDep,
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
     limit: int = Query(20, ge=1, le=100),
 ) -> VideoList:
     """The caller's videos, newest first."""
@@ -128,14 +130,20 @@ def get_video(video_id: str, records: RecordsDep, tenant: TenantDep) -> VideoPub
     return VideoPublic.from_record(video)
 
 
-@router.delete("/{video_id}", status_code=204, response_model=None, responses=responses(401, 404))
+@router.delete(
+    "/{video_id}",
+    status_code=204,
+    response_class=Response,
+    response_model=None,
+    responses=responses(401, 404),
+)
 def delete_video(
     video_id: str,
     settings: SettingsDep,
     records: RecordsDep,
     conversations: ConversationsDep,
     tenant: TenantDep,
-) -> None:
+) -> Response:
     """Delete a video with its upload, jobs, events and compressed cache (unless another video shares it)."""
     if records.get_video(video_id, tenant) is None:
         raise not_found("video")
@@ -150,6 +158,7 @@ def delete_video(
             remove_quietly(path)
         if paths:
             shutil.rmtree(settings.frames_dir(video["artifact_key"]), ignore_errors=True)  # its thumbnails
+    return Response(status_code=204)  # no body, so no Content-Type either
 
 
 def artifact_paths(settings: Settings, artifact_key: str) -> list[Path]:

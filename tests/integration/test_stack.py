@@ -103,6 +103,33 @@ def test_tenants_never_see_each_other(stack):
     assert a.get(f"/videos/{video_a}").status_code == 200
 
 
+def test_two_tenants_uploading_the_same_bytes_see_the_same_first_upload(stack, tmp_path):
+    """No cross-tenant side channel: B's first upload of bytes A indexed before looks exactly like A's
+    (status codes, response shape, the index job's cache facts), not like an instant cached "ready"."""
+    fresh = tmp_path / "fresh.mp4"
+    shutil.copy(BUNNY, fresh)
+    with fresh.open("ab") as file:
+        file.write(b"\x00" * 32)  # bytes no test uploaded before
+
+    def first_upload(tenant: str) -> tuple[int, dict, dict, dict]:
+        client = stack.client(tenant)
+        response = upload(client, fresh)
+        video = wait_video(client, response.json()["id"])
+        index_job = client.get(video["links"]["index_job"]).json()
+        return response.status_code, response.json(), video, index_job
+
+    status_a, created_a, video_a, job_a = first_upload("tenant-a")
+    status_b, created_b, video_b, job_b = first_upload("tenant-b")
+    assert status_a == status_b == 202
+    assert created_a.keys() == created_b.keys() and created_a["status"] == created_b["status"] == "queued"
+    assert video_a["status"] == video_b["status"] == "ready"
+    assert job_a["cache"] == job_b["cache"] == {"hit": False, "tier": "none", "reason": "miss:absent"}
+    facts = ("frames", "duration", "tokens_before", "tokens_after", "cache_tier", "sha256")
+    assert {k: video_a[k] for k in facts} == {k: video_b[k] for k in facts}
+    assert job_a.keys() == job_b.keys() and set(job_a["timings"]) == set(job_b["timings"])
+    assert job_b["timings"]["decode"] > 0  # B's video was compressed for B, not found in A's cache
+
+
 @pytest.mark.parametrize(
     "case,expected_status,expected_code",
     [

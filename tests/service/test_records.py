@@ -115,7 +115,10 @@ def test_delete_leaves_no_key_behind(records, client):
     records.delete_video(video["id"])
     after = set(keys_under(client, "t:*"))
     gone = before - after
-    assert all(video["id"] in key or key.startswith("t:job:") or "sha:" + "ab" * 32 in key for key in gone)
+    assert all(
+        video["id"] in key or key.startswith("t:job:") or "sha:" + "ab" * 32 in key or key == "t:jobs:active"
+        for key in gone
+    )  # the reaper's set of unfinished jobs goes with its last member
     # only the other video, the listing, the gauges and the kept sha remain
     assert after == {
         f"t:video:{keep['id']}", "t:tenant:alice:videos", f"t:tenant:alice:sha:{'cd' * 32}",

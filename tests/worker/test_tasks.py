@@ -188,14 +188,17 @@ def test_question_guided_compresses_for_the_question_and_caches_nothing(rt):
 
 
 def test_an_ask_during_indexing_waits_for_it_instead_of_compressing_again(rt, settings):
-    """Another worker holds the build lock: the ask reports waiting_for_index, then reads the result."""
+    """Another worker holds the build lease: the ask reports waiting_for_index, then reads the result."""
     from worker.engine.engine import artifact_key, get_or_compress
+    from worker.leases import Lease
+    from worker.tasks import cache_identity
 
     video = upload(rt, BUNNY)
     other = WorkerRuntime(settings)
-    key = artifact_key(other.loaded, video["sha256"], other.config).to_string()
-    lock = other.client.lock(other.keys.lock(key), timeout=60)
-    assert lock.acquire(blocking=False)
+    identity = cache_identity(video, settings)
+    key = artifact_key(other.loaded, identity, other.config).to_string()
+    lock = Lease(other.client, other.keys.lock(key), other.keys.fence(key), ttl=60)
+    assert lock.acquire()
 
     job_id = ask(rt, video["id"])
     asker = threading.Thread(target=answer_job, args=(rt, job_id))
@@ -204,7 +207,7 @@ def test_an_ask_during_indexing_waits_for_it_instead_of_compressing_again(rt, se
     while rt.records.get_job(job_id)["status"] != "waiting_for_index":
         assert time.monotonic() < deadline and asker.is_alive()
         time.sleep(0.05)
-    get_or_compress(other.loaded, other.store, BUNNY, other.config)  # the other worker's compression
+    get_or_compress(other.loaded, other.store, BUNNY, other.config, video_hash=identity)  # the other's
     lock.release()
     asker.join(timeout=60)
     other.close()
@@ -240,3 +243,28 @@ def test_the_celery_tasks_are_the_adapters(rt):
         worker_runtime.install(None)
     assert rt.records.get_video(video["id"])["status"] == "ready"
     assert rt.records.get_job(job_id)["status"] == "succeeded"
+
+
+def test_a_full_volume_fails_the_video_with_storage_full_and_writes_no_artifact(settings, small_volume):
+    """A real ENOSPC while the artifact is written: the video fails with "storage_full", no partial file is
+    left, and once there is space the same bytes uploaded again index."""
+    from tests.conftest import fill
+
+    data = small_volume(8 * 1024 * 1024)
+    rt = WorkerRuntime(settings.model_copy(update={"data_dir": data}))
+    try:
+        video = upload(rt, BUNNY)
+        filler = fill(data, leave=16 * 1024)  # room for the records' files, not for the artifact
+        index_video_job(rt, video["id"])
+        failed = rt.records.get_video(video["id"])
+        assert (failed["status"], failed["error_code"]) == ("failed", "storage_full"), failed
+        job = rt.records.get_job(video["index_job_id"])
+        assert (job["status"], job["error_code"]) == ("failed", "storage_full")
+        assert not [p for p in (data / "artifacts").rglob("*") if p.is_file()]  # nothing half-written
+
+        filler.unlink()
+        again = upload(rt, BUNNY, name="again.mp4")
+        index_video_job(rt, again["id"])
+        assert rt.records.get_video(again["id"])["status"] == "ready"
+    finally:
+        rt.close()

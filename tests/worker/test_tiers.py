@@ -10,6 +10,7 @@ import redis
 from service.contract import CacheTier, Keys
 from tests.worker.engine.test_artifact import assert_same, make_artifact
 from worker.engine.storage import ArtifactKey, get_or_build
+from worker.leases import LeaseKeeper
 from worker.tiers import DiskTier, MemoryStore, SingleFlight, TieredStore, get_or_build_shared
 
 KEYS = Keys("test")
@@ -123,7 +124,7 @@ def test_a_corrupted_disk_artifact_is_a_miss_and_is_rebuilt(tmp_path, client):
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
 
-    lock = SingleFlight(client, KEYS, timeout=30)
+    lock = SingleFlight(client, KEYS, keeper=LeaseKeeper(1.0), ttl=3, blocking_timeout=30)
     got = get_or_build(tiered(tmp_path, client), key(1), build, lock=lock)  # a worker without it in memory
     assert (
         not got.hit and got.tier == "none" and got.reason.startswith("corrupt") and "checksum" in got.reason
@@ -138,6 +139,7 @@ def test_single_flight_builds_once_for_many_workers(tmp_path, redis_url):
     """Six workers (own Redis connection, own memory tier, shared disk) ask for the same key at once."""
     builds, waits, results = [], [], {}
     start = threading.Barrier(6)
+    keeper = LeaseKeeper(1.0)
 
     def build():
         builds.append(threading.get_ident())
@@ -149,7 +151,7 @@ def test_single_flight_builds_once_for_many_workers(tmp_path, redis_url):
         store = tiered(tmp_path, client)
         start.wait()
         results[n] = get_or_build_shared(
-            store, client, KEYS, key(1), build, timeout=30, on_wait=lambda: waits.append(n)
+            store, client, KEYS, key(1), build, keeper=keeper, ttl=3, on_wait=lambda: waits.append(n)
         )
         client.close()
 

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -205,9 +205,20 @@ class DiskStore(ArtifactStore):
 
 # ---- read-through with single flight -------------------------------------------------------------
 
-# A lock factory for `get_or_build`: a context manager per key that is entered once the caller may build
-# the artifact, and yields whether it had to wait for another builder first.
-BuildLock = Callable[[ArtifactKey], contextlib.AbstractContextManager[bool]]
+
+class BuildLease(Protocol):
+    """What a `BuildLock` yields once the caller may build: whether it waited for another builder first, and
+    a fence check made just before the result is stored."""
+
+    waited: bool
+
+    def check(self) -> None:
+        """Raise when a newer builder took the key over: storing now would overwrite its result."""
+
+
+# A lock factory for `get_or_build`: a context manager per key, entered once the caller may build the
+# artifact (worker/tiers.py `SingleFlight`: a Redis lease with a fencing token).
+BuildLock = Callable[[ArtifactKey], contextlib.AbstractContextManager[BuildLease]]
 
 
 @dataclass
@@ -254,13 +265,16 @@ def get_or_build(
         waited = False
         if lock is not None:
             with timer.stage("wait"):
-                waited = stack.enter_context(lock(key))
+                lease = stack.enter_context(lock(key))
+                waited = lease.waited
             with timer.stage("load"):  # built by whoever held the lock before us?
                 artifact, tier, again = _lookup(store, key)
             if artifact is not None:
                 return Obtained(artifact, True, tier, "", artifact.nbytes, waited)
             reason = reason if reason.startswith("corrupt") else again
         artifact = build()
+        if lock is not None:
+            lease.check()  # a builder whose lease lapsed (paused, cut off) stores nothing over a newer one
         with timer.stage("store"):
             nbytes = store.put(key, artifact)
     return Obtained(artifact, False, "none", reason, nbytes, waited)
