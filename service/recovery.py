@@ -45,9 +45,8 @@ class Reaper:
         process holds the sweep)."""
         client, keys = self.records.client, self.records.keys
         interval = self.settings.reaper_interval_seconds
-        if not client.set(keys.reaper(), self.name, nx=True, px=max(1, round(interval * 900))):
-            if client.get(keys.reaper()) != self.name:
-                return {}
+        if not self._take_sweep(client, keys.reaper(), ttl_ms=max(1, round(interval * 900))):
+            return {}
         now = time.time()
         waiting = TaskQueue.waiting_ids(client)
         done = {"requeued": 0, "failed": 0}
@@ -70,6 +69,11 @@ class Reaper:
         if done["requeued"] or done["failed"]:
             logger.warning("stale jobs: %(requeued)d sent again, %(failed)d failed (worker_lost)", done)
         return done
+
+    def _take_sweep(self, client: redis.Redis, key: str, ttl_ms: int) -> bool:
+        """The sweep's lease: free, or still ours from the last sweep (taken again if it just lapsed)."""
+        take = lambda: client.set(key, self.name, nx=True, px=ttl_ms)  # noqa: E731
+        return bool(take() or client.get(key) == self.name or take())
 
     def _recover(self, job: dict) -> str:
         recoveries = int(job.get("recoveries") or 0)
