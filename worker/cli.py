@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from worker.engine.config import default_cache_dir
+from worker.engine.config import SamplingConfig, default_cache_dir
+from worker.shapes import SHAPES, reduced
 
 MODES = ("cached", "question_guided", "uncompressed")
 
@@ -172,10 +173,61 @@ def _ask_uncompressed(loaded, args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from worker.tiny import make_tiny
+    from worker.tiny import make_shaped, make_tiny
 
-    for family, path in make_tiny(args.dir).items():
-        print(f"{family}: {path}")
+    if args.shape == "tiny":
+        if args.layers is not None or args.vision_blocks is not None:
+            raise ValueError("--layers and --vision-blocks apply to a real shape (--shape 7b, 72b, qwen2-7b)")
+        for family, path in make_tiny(args.dir).items():
+            print(f"{family}: {path}")
+        return 0
+    shape = reduced(SHAPES[args.shape], args.layers, args.vision_blocks)
+    path = make_shaped(args.dir / args.shape, shape)
+    print(f"{args.shape}: {path} ({shape.model_id} widths, {shape.num_layers} layers, "
+          f"{shape.vision_depth} vision blocks, random bf16 weights)")  # fmt: skip
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from service.contract import Settings
+    from worker.plan import Workload, peak_phase, plan, shape_from_config, sizing_table
+
+    fields = Settings.model_fields  # the default cache tiers
+    tiers = fields["memory_cache_bytes"].default, fields["disk_cache_bytes"].default
+    if args.table:
+        print(sizing_table([SHAPES["7b"], SHAPES["72b"]], *tiers))
+        return 0
+    shape = shape_from_config(args.model) if args.model else SHAPES[args.shape]
+    shape = reduced(shape, args.layers)
+    work = Workload(
+        duration=args.duration,
+        width=args.width,
+        height=args.height,
+        sampling=SamplingConfig(fps=args.fps, max_frames=args.max_frames, long_side=args.long_side),
+        budget=args.budget,
+        chunk_frames=args.chunk_frames,
+        temporal_allocation=args.temporal_allocation,
+    )
+    p = plan(shape, work)
+    gib, mb = 1024**3, 1e6
+    print(f"{shape.model_id} ({shape.family}, {shape.num_layers} layers), {args.duration:.0f} s of "
+          f"{args.width}x{args.height} video")  # fmt: skip
+    print(f"frames {p.frames} at {p.frame_size[0]}x{p.frame_size[1]}, video tokens {p.video_tokens}, "
+          f"{p.chunk_tokens} per chunk, {p.kept_tokens} kept per layer (text0 included)")  # fmt: skip
+    print(f"weights          {p.weights / gib:8.2f} GiB ({p.weights_per_layer / gib:.3f} GiB per layer)")
+    print(f"KV per token     {p.kv_bytes_per_token:8d} bytes, all layers")
+    print(f"vision phase     {p.vision_peak / gib:8.2f} GiB besides the weights "
+          f"(and {p.host_features / gib:.2f} GiB of host memory for the video's features)")  # fmt: skip
+    print(f"prefill phase    {p.prefill_peak / gib:8.2f} GiB (cache {p.prefill_cache / gib:.2f}, "
+          f"activations {p.prefill_activations / gib:.2f})")  # fmt: skip
+    print(f"answer phase     {p.answer_peak / gib:8.2f} GiB")
+    print(f"peak memory      {p.peak / gib:8.2f} GiB ({peak_phase(p)})")
+    print(f"artifact         {p.artifact_bytes / mb:8.1f} MB: {tiers[0] // p.artifact_bytes} fit the default "
+          f"memory tier, {tiers[1] // p.artifact_bytes} the disk tier")  # fmt: skip
+    flops = p.flops
+    print(f"compute          vision {flops['vision'] / 1e12:.1f} TFLOP, "
+          f"prefill {flops['prefill'] / 1e12:.1f} "
+          f"TFLOP, {flops['decode_token'] / 1e9:.1f} GFLOP per answer token")  # fmt: skip
     return 0
 
 
@@ -248,8 +300,20 @@ def build_parser(engine_commands: bool = True) -> argparse.ArgumentParser:
     if engine_commands:
         _add_engine_commands(commands)
 
-    tiny = commands.add_parser("make-tiny", help="build tiny random Qwen2.5-VL and Qwen2-VL checkpoints")
+    tiny = commands.add_parser(
+        "make-tiny",
+        help="build random checkpoints: tiny Qwen2.5-VL and Qwen2-VL ones, or a real shape at reduced depth",
+        description="Without --shape: tiny random Qwen2.5-VL and Qwen2-VL checkpoints in DIR/qwen2_5_vl and "
+        "DIR/qwen2_vl (seconds). With --shape: one checkpoint in DIR/SHAPE with the real widths of "
+        "Qwen2.5-VL-7B (7b), Qwen2.5-VL-72B (72b) or Qwen2-VL-7B (qwen2-7b), its real 152K vocabulary, "
+        "random bf16 weights and as few layers as --layers says (7b at 2 layers: about 3.4 GB).",
+    )
     tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--shape", choices=("tiny", *SHAPES), default="tiny")
+    tiny.add_argument("--layers", type=int, help="LLM layers of a real shape (default: all of them)")
+    tiny.add_argument(
+        "--vision-blocks", type=int, help="vision blocks of a real shape (default: all of them)"
+    )
     tiny.set_defaults(run=_cmd_make_tiny)
 
     needle = commands.add_parser(
@@ -288,6 +352,34 @@ def build_parser(engine_commands: bool = True) -> argparse.ArgumentParser:
 
 
 def _add_engine_commands(commands) -> None:
+    from worker.engine.adaretake import TEMPORAL_ALLOCATIONS
+    from worker.plan import Workload
+
+    planner = commands.add_parser(
+        "plan",
+        help="predict the memory, artifact size and compute of indexing a video (no model needed)",
+        description="Predict peak accelerator memory (weights + the largest of the vision, prefill and "
+        "answer phases), the artifact's bytes and the FLOPs of indexing a video, for a model's shape "
+        "(--shape, or the config.json of --model). --table prints the README's sizing table.",
+    )
+    defaults = Workload(duration=0)
+    planner.add_argument("--shape", choices=tuple(SHAPES), default="7b")
+    planner.add_argument("--model", type=Path, help="a local checkpoint folder: its config.json's shape")
+    planner.add_argument("--layers", type=int, help="LLM layers (default: the model's)")
+    planner.add_argument("--duration", type=float, default=600.0, help="seconds of video (%(default)s)")
+    planner.add_argument("--width", type=int, default=defaults.width, help="the video's (%(default)s)")
+    planner.add_argument("--height", type=int, default=defaults.height, help="the video's (%(default)s)")
+    planner.add_argument("--fps", type=float, default=defaults.sampling.fps)
+    planner.add_argument("--max-frames", type=int, default=defaults.sampling.max_frames)
+    planner.add_argument("--long-side", type=int, default=defaults.sampling.long_side)
+    planner.add_argument("--budget", type=int, default=defaults.budget, help="context budget in tokens")
+    planner.add_argument("--chunk-frames", type=int, default=defaults.chunk_frames)
+    planner.add_argument(
+        "--temporal-allocation", choices=TEMPORAL_ALLOCATIONS, default=defaults.temporal_allocation
+    )
+    planner.add_argument("--table", action="store_true", help="the sizing table for 7B and 72B")
+    planner.set_defaults(run=_cmd_plan)
+
     index = commands.add_parser("index", help="compress a video into the cache (once per video and settings)")
     _add_engine_arguments(index)
     index.set_defaults(run=_cmd_index)

@@ -6,6 +6,9 @@ load like the real 7B ones. The architecture is the real one shrunk the way tran
 tests do it; the tokenizer is a byte-level BPE trained here on a few built-in paragraphs, with Qwen's
 special tokens appended after the BPE vocabulary in Qwen's order. Weights and tokenizer are
 deterministic: the same out_dir contents on every build.
+
+`make_shaped` writes the same kind of folder for a real architecture (`worker.shapes`: Qwen2.5-VL-7B,
+-72B, Qwen2-VL-7B) at a reduced depth: real widths and vocabulary, random bf16 weights, the tiny tokenizer.
 """
 
 import json
@@ -25,11 +28,15 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
+from transformers.initialization import no_init_weights
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.utils import logging as hf_logging
 
+from worker.shapes import ModelShape
+
 SEED = 0
 BPE_VOCAB_SIZE = 1000  # an upper bound: the built-in corpus runs out of merges a little below it
+POOL_SIZE = 16_777_213  # the largest prime below 2**24: random normals shared by a real shape's weights
 
 # Qwen's special tokens in Qwen's id order (real ids 151643..151656 follow the 151643 BPE tokens).
 SPECIAL_TOKENS = (
@@ -201,14 +208,15 @@ def tiny_config(
     """The tiny config of one family ("qwen2_5_vl" or "qwen2_vl"), its token ids taken from tokenizer.
 
     Args:
-        text (dict | None): entries that replace TEXT_CONFIG's (e.g. a wider or deeper model).
+        text (dict | None): entries that replace TEXT_CONFIG's (e.g. a wider or deeper model) and the
+            tokenizer's vocabulary size (a real shape's 152 064 rows).
         vision (dict | None): entries that replace the family's VISION_CONFIG entries.
     """
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     text_config = {
+        "vocab_size": len(tokenizer),  # the tiny models' own; a real shape brings its 152 064
         **TEXT_CONFIG,
         **(text or {}),
-        "vocab_size": len(tokenizer),
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
@@ -241,12 +249,56 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _MODEL_CLASS[family](config)
+    return _with_generation_config(model, tokenizer).eval()
+
+
+def _with_generation_config(model, tokenizer: PreTrainedTokenizerBase):
     eos, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
     # The real generation_config.json lists both ends of turn; greedy so that tiny outputs are reproducible.
     model.generation_config = GenerationConfig(
         bos_token_id=eos, eos_token_id=[im_end, eos], pad_token_id=eos, do_sample=False
     )
-    return model.eval()
+    return model
+
+
+def shaped_config(shape: ModelShape, tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_VLConfig | Qwen2VLConfig:
+    """The config of a real architecture (`worker.shapes`), its token ids taken from tokenizer."""
+    return tiny_config(shape.family, tokenizer, shape.text, shape.vision)
+
+
+def build_shaped_model(
+    shape: ModelShape,
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> Qwen2_5_VLForConditionalGeneration | Qwen2VLForConditionalGeneration:
+    """A model of `shape`'s real widths (at its possibly reduced depth) with seeded random weights, made
+    directly in bf16 on `device` (an fp32 copy of 72B widths would not fit), in eval mode.
+
+    The weights follow transformers' init distribution (matrices N(0, initializer_range), biases 0, norm
+    scales 1), but drawing a fresh normal for each of a 7B shape's 1.7 billion parameters at 2 layers
+    takes minutes on a CPU: each matrix is instead a window of one seeded pool of POOL_SIZE normals, read
+    from its own random offset and wrapping around. A prime pool length keeps rows (and heads) apart.
+    """
+    config = shaped_config(shape, tokenizer)
+    with torch.device(device), no_init_weights():
+        model = _MODEL_CLASS[config.model_type]._from_config(
+            config, dtype=torch.bfloat16, attn_implementation=attn_implementation
+        )
+    generator = torch.Generator().manual_seed(SEED)
+    std = config.get_text_config().initializer_range
+    pool = (torch.randn(POOL_SIZE, generator=generator) * std).to(device, torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.fill_(0.0 if name.endswith("bias") else 1.0)
+                continue
+            offset = int(torch.randint(POOL_SIZE, (1,), generator=generator))
+            window = torch.cat([pool[offset:], pool[:offset]])
+            flat = param.view(-1)
+            for start in range(0, flat.numel(), POOL_SIZE):
+                flat[start : start + POOL_SIZE] = window[: flat.numel() - start]
+    return _with_generation_config(model, tokenizer).eval()
 
 
 def make_tiny(out_dir: Path | str) -> dict[str, Path]:
@@ -264,6 +316,17 @@ def make_tiny(out_dir: Path | str) -> dict[str, Path]:
     for family in ("qwen2_5_vl", "qwen2_vl"):
         paths[family] = save_checkpoint(build_tiny_model(family, tokenizer), tokenizer, out_dir / family)
     return paths
+
+
+def make_shaped(out_dir: Path | str, shape: ModelShape) -> Path:
+    """Write a random checkpoint of `shape` (see `worker.shapes.reduced` for fewer layers) into out_dir,
+    with the tiny tokenizer; prints nothing. A 7B shape at 2 layers is about 3.4 GB of bf16 weights.
+
+    Returns:
+        Path: out_dir, for `load_model(path)`.
+    """
+    tokenizer = build_tokenizer()
+    return save_checkpoint(build_shaped_model(shape, tokenizer), tokenizer, Path(out_dir))
 
 
 def save_checkpoint(model, tokenizer: PreTrainedTokenizerBase, path: Path) -> Path:

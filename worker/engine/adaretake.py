@@ -318,11 +318,14 @@ def adaretake_attention(module, query, key, value, attention_mask, scaling=None,
 
 
 def _accumulate_evidence(evidence: EvidenceScratch, layer_idx: int, query, key, scaling) -> None:
-    """Attention probabilities (fp32, mean over heads, summed over queries) on this layer's video keys."""
+    """Attention probabilities (softmax in fp32, mean over heads, summed over queries) on this layer's video
+    keys."""
     heads, kv_heads = query.shape[1], key.shape[1]
     q_len, kv_len = query.shape[2], key.shape[2]
-    queries = query[0].float().view(kv_heads, heads // kv_heads, q_len, -1)
-    logits = torch.einsum("hgqd,hkd->hgqk", queries, key[0].float()) * scaling  # [kv_heads, G, q, kv]
+    queries = query[0].view(kv_heads, heads // kv_heads, q_len, -1)
+    # Products in the cache's dtype, softmax in fp32: upcasting the layer's whole cached keys for every
+    # decoded token would copy the cache in fp32 on the hot path.
+    logits = torch.einsum("hgqd,hkd->hgqk", queries, key[0]).float() * scaling  # [kv_heads, G, q, kv]
     if q_len > 1:
         logits = logits.masked_fill(~bottom_right_causal_mask(q_len, kv_len, query.device)[0], float("-inf"))
     probs = logits.softmax(dim=-1).mean(dim=(0, 1)).sum(dim=0)  # [kv]

@@ -138,13 +138,33 @@ def load_model(
     _check_token_ids(tokenizer, config, name_or_path)
 
     commit = extract_commit_hash(config_file, None)
+    return _loaded(
+        model,
+        tokenizer,
+        name_or_path,
+        commit or "local-" + checkpoint_fingerprint(Path(config_file).parent),
+        _vision_spec(config, _find_file(source, "preprocessor_config.json", revision)),
+    )
+
+
+def wrap_model(model, tokenizer: PreTrainedTokenizerBase, name: str, revision: str) -> LoadedModel:
+    """A `LoadedModel` around a model built in memory (random weights made on the device, never saved):
+    what `load_model` returns, with CLIP normalisation and the vision tower's own patching."""
+    if tokenizer.chat_template is None:
+        raise ValueError(f"no chat template in the tokenizer of {name!r}")
+    _check_token_ids(tokenizer, model.config, name)
+    return _loaded(model.eval(), tokenizer, name, revision, _vision_spec(model.config, None))
+
+
+def _loaded(model, tokenizer: PreTrainedTokenizerBase, name: str, revision: str, vision: VisionSpec):
+    config = model.config
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         family=config.model_type,
-        name=name_or_path,
-        revision=commit or "local-" + checkpoint_fingerprint(Path(config_file).parent),
-        vision=_vision_spec(config, _find_file(source, "preprocessor_config.json", revision)),
+        name=name,
+        revision=revision,
+        vision=vision,
         device=model.device,
         dtype=model.dtype,
         video_token_id=config.video_token_id,
