@@ -123,12 +123,13 @@ def serve(host: str, port: int, model: str | None, data_dir: Path | None) -> int
                 _say(INSTALL_REDIS)
                 return 2
             # A free port rather than 6379: never collides with a Redis already running there, and two
-            # `serve`s can run side by side. Its data (append-only file) lives in the data directory.
+            # `serve`s can run side by side. Its data (append-only file, fsynced on every write so that an
+            # accepted job survives a crash of Redis) lives in the data directory.
             redis_port = free_port()
             (data / "redis").mkdir(parents=True, exist_ok=True)
             redis_server = _spawn(
                 [binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(data / "redis"),
-                 "--appendonly", "yes", "--save", ""],
+                 "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
                 env,
             )  # fmt: skip
             url = env["VIDEOQA_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
