@@ -1,4 +1,5 @@
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -20,9 +21,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 class RedisServer:
     """A real redis-server of the test's own, on a free port, that a test may stop and restart."""
 
-    def __init__(self, directory: Path) -> None:
+    DURABLE = ["--appendonly", "yes", "--appendfsync", "always"]
+
+    def __init__(self, directory: Path, *, durable: bool = False) -> None:
         self.port = free_port()
         self.directory = directory
+        self.durable = durable  # an append-only file fsynced on every write: a SIGKILL loses nothing
         self.process: subprocess.Popen | None = None
 
     @property
@@ -34,8 +38,8 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is not installed (Debian package redis-server)")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)],
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--dir", str(self.directory), *(self.DURABLE if self.durable else ["--appendonly", "no"])],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10
@@ -47,9 +51,10 @@ class RedisServer:
                 time.sleep(0.05)
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop it with `sig` (SIGTERM: a clean shutdown; SIGKILL: a crash); `start` brings it back."""
         if self.process is not None:
-            self.process.terminate()
+            self.process.send_signal(sig)
             self.process.wait(timeout=10)
             self.process = None
 

@@ -52,12 +52,14 @@ class Stack:
         )  # fmt: skip
         self.wait_until(lambda: httpx.get(f"{self.base_url}/healthz").status_code == 200, "the API is up")
 
-    def start_worker(self) -> None:
+    def start_worker(self, pool: str = "solo", timeout: float = 90) -> None:
+        """A Celery worker; `pool="prefork"` for a parent process with one child that runs the tasks."""
         self.worker = self._spawn(
             "worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu",
-                       "--concurrency", "1", "--pool", "solo", "--loglevel", "INFO"]
+                       "--concurrency", "1", "--pool", pool, "--loglevel", "INFO"]
         )  # fmt: skip
-        self.wait_until(lambda: httpx.get(f"{self.base_url}/readyz").status_code == 200, "a worker is ready")
+        self.wait_until(lambda: httpx.get(f"{self.base_url}/readyz").status_code == 200, "a worker is ready",
+                        timeout)  # fmt: skip
 
     def stop_worker(self) -> None:
         self._stop(self.worker)

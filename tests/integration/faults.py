@@ -1,0 +1,229 @@
+"""Fault injection against the real stack: SIGKILL of a worker's child, its parent or its whole process
+group while it decodes, prefills or answers; SIGKILL and SIGTERM of Redis during a load of uploads and asks.
+
+Shared by tests/integration/test_faults.py (each case once) and bench/faults.py (each case N times). Every
+case returns an `Outcome`: whether every accepted job ended succeeded or failed with a code, how long that
+took once a worker was available again, and whether the artifacts directory holds exactly one whole file
+per indexed video (no temporary file left, no duplicate).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from service.contract import Keys
+from tests.conftest import RedisServer
+from tests.integration.conftest import API_KEYS, Stack
+
+TERMINAL = ("succeeded", "failed")
+DEADLINE_S = 180.0  # every accepted job terminal within this of a worker being available again
+# Short leases and sweeps, so that a case takes seconds (production: 30 s and 10 s).
+FAULT_SETTINGS = {"lease_seconds": "3", "reaper_interval_seconds": "1", "job_attempts": "3"}
+WORKER_CASES = [(target, phase) for target in ("child", "parent", "group")
+                for phase in ("decoding", "prefilling", "answering")]  # fmt: skip
+REDIS_CASES = [("redis", "SIGKILL"), ("redis", "SIGTERM")]
+
+
+@dataclass
+class Outcome:
+    case: str
+    accepted: int = 0
+    terminal: int = 0
+    codes: dict[str, int] = field(default_factory=dict)  # "succeeded" or the failure's code -> jobs
+    recovery_s: float = 0.0  # from the worker being available again to the last job terminal
+    artifacts_ok: bool = True
+    problem: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return (self.accepted == self.terminal and self.artifacts_ok and self.recovery_s <= DEADLINE_S
+                and not self.problem)  # fmt: skip
+
+
+def fault_stack(redis: RedisServer, root: Path, model: Path) -> Stack:
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    api_keys = ",".join(f"{key}:{tenant}" for tenant, key in API_KEYS.items())
+    return Stack(redis.url, root / "data", model, root / "logs", api_keys=api_keys, **FAULT_SETTINGS)
+
+
+def fresh_copy(source: Path, directory: Path) -> Path:
+    """`source` with random bytes appended: content no earlier case indexed (decoders ignore the tail)."""
+    target = directory / f"{secrets.token_hex(4)}-{source.name}"
+    target.write_bytes(source.read_bytes() + secrets.token_bytes(64))
+    return target
+
+
+def run_worker_case(stack: Stack, clip: Path, scratch: Path, target: str, phase: str) -> Outcome:
+    """Kill the worker's `target` ("child", "parent" or "group") once its job reaches `phase`."""
+    outcome = Outcome(f"SIGKILL {target} while {phase}")
+    client = stack.client()
+    video = _upload(client, fresh_copy(clip, scratch))
+    job_id = video["links"]["index_job"].rsplit("/", 1)[1]
+    if phase == "answering":
+        _wait(lambda: client.get(f"/videos/{video['id']}").json()["status"] in ("ready", "failed"), 120)
+        job_id = _ask(client, video["id"], max_new_tokens=256)
+        _wait(lambda: _has_token(stack, job_id), 120)
+    else:
+        _wait(lambda: client.get(f"/videos/{video['id']}").json()["status"] == phase, 120)
+    outcome.accepted = 1
+    available = _kill_worker(stack, target)
+    _settle(stack, client, [job_id], available, outcome)
+    return outcome
+
+
+def run_redis_case(stack: Stack, redis: RedisServer, clip: Path, scratch: Path, sig: str) -> Outcome:
+    """4 uploads and 8 asks from 6 clients at once; Redis gets `sig` in the middle and is back 3 s later.
+    A request answered 503 was not accepted (the client was told to retry); every 202 must end."""
+    outcome = Outcome(f"{sig} Redis during 4 uploads + 8 asks")
+    client = stack.client()
+    ready = _upload(client, fresh_copy(clip, scratch))
+    _wait(lambda: client.get(f"/videos/{ready['id']}").json()["status"] == "ready", 120)
+    copies = [fresh_copy(clip, scratch) for _ in range(4)]
+
+    def submit(n: int) -> str | None:
+        with stack.client() as own:
+            time.sleep(0.15 * n)
+            try:
+                if n < len(copies):
+                    response = _post_upload(own, copies[n])
+                    return (
+                        response.json()["links"]["index_job"].rsplit("/", 1)[1]
+                        if response.status_code == 202
+                        else None
+                    )
+                response = own.post(
+                    "/ask", json={"video_id": ready["id"], "question": f"Q{n}?", "max_new_tokens": 8}
+                )
+                return response.json()["id"] if response.status_code == 202 else None
+            except httpx.TransportError:
+                return None  # the request never got an answer: not accepted
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(submit, n) for n in range(12)]
+        time.sleep(0.8)
+        redis.stop(getattr(signal, sig))
+        time.sleep(3)
+        redis.start()
+        available = time.monotonic()
+        jobs = [job for job in (f.result() for f in futures) if job]
+    outcome.accepted = len(jobs)
+    _settle(stack, client, jobs, available, outcome)
+    return outcome
+
+
+# ---- the pieces ------------------------------------------------------------------------------------------
+
+
+def _post_upload(client: httpx.Client, path: Path) -> httpx.Response:
+    with path.open("rb") as file:
+        return client.post("/videos", files={"file": (path.name, file, "video/mp4")})
+
+
+def _upload(client: httpx.Client, path: Path) -> dict:
+    response = _post_upload(client, path)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def _ask(client: httpx.Client, video_id: str, max_new_tokens: int) -> str:
+    response = client.post("/ask", json={"video_id": video_id, "question": "What happens?",
+                                         "max_new_tokens": max_new_tokens})  # fmt: skip
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def _has_token(stack: Stack, job_id: str) -> bool:
+    events = stack.redis.xrange(Keys().job_events(job_id))
+    return any(fields.get("kind") == "token" for _, fields in events)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _kill_worker(stack: Stack, target: str) -> float:
+    """SIGKILL the target; bring a worker back when the parent died. -> when a worker was available again."""
+    parent = stack.worker.pid
+    if target == "child":
+        (child,) = _children(parent)
+        os.kill(child, signal.SIGKILL)  # the parent notices, requeues the message, forks a new child
+        return time.monotonic()
+    if target == "parent":
+        os.kill(parent, signal.SIGKILL)  # its child is orphaned mid-task
+    else:
+        os.killpg(parent, signal.SIGKILL)  # parent and child at once: a lost machine
+    stack.worker.wait()
+    stack.redis.delete(Keys().workers())  # the dead worker's heartbeat would pass for a live one
+    stack.start_worker(pool="prefork", timeout=300)
+    return time.monotonic()
+
+
+def _settle(
+    stack: Stack, client: httpx.Client, job_ids: list[str], available: float, outcome: Outcome
+) -> None:
+    deadline = available + DEADLINE_S
+    remaining = set(job_ids)
+    while remaining and time.monotonic() < deadline:
+        for job_id in sorted(remaining):
+            try:
+                job = client.get(f"/jobs/{job_id}").json()
+            except httpx.TransportError:
+                continue
+            if job.get("status") in TERMINAL:
+                remaining.discard(job_id)
+                code = "succeeded" if job["status"] == "succeeded" else (job["error"] or {}).get("code", "?")
+                outcome.codes[code] = outcome.codes.get(code, 0) + 1
+                if job["status"] == "failed" and not code:
+                    outcome.problem = f"{job_id} failed without a code"
+        time.sleep(0.25)
+    outcome.terminal = len(job_ids) - len(remaining)
+    outcome.recovery_s = round(time.monotonic() - available, 1)
+    if remaining:
+        outcome.problem = f"not terminal after {DEADLINE_S:.0f} s: {sorted(remaining)}"
+    outcome.artifacts_ok, problem = check_artifacts(stack, client)
+    outcome.problem = outcome.problem or problem
+
+
+def check_artifacts(stack: Stack, client: httpx.Client) -> tuple[bool, str]:
+    """No temporary file under artifacts/, and exactly the artifacts of the ready videos, each whole."""
+    from worker.engine.artifact import load_artifact
+
+    root = Path(stack.env["VIDEOQA_DATA_DIR"]) / "artifacts"
+    leftovers = [p.name for p in root.rglob("*.tmp")] if root.is_dir() else []
+    if leftovers:
+        return False, f"half-written files left: {leftovers}"
+    artifacts = [p for p in root.rglob("*.safetensors") if p.name.count(".") == 1]  # not .features.
+    files = {p.relative_to(root).as_posix().removesuffix(".safetensors") for p in artifacts}
+    wanted = set()
+    for tenant in API_KEYS:
+        listed = stack.client(tenant).get("/videos", params={"limit": 100}).json()["items"]
+        wanted |= {stack.redis.hget(Keys().video(v["id"]), "artifact_key").strip('"')
+                   for v in listed if v["status"] == "ready"}  # fmt: skip
+    if files != wanted:
+        return False, f"artifacts {sorted(files)} but ready videos use {sorted(wanted)}"
+    for name in files:
+        load_artifact(root / f"{name}.safetensors")  # raises on a damaged file
+    return True, ""
+
+
+def _wait(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError("the case never reached the state it waits for")
