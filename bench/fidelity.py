@@ -129,7 +129,7 @@ def teacher_forced_logits(
     builds the bottom-right causal mask from each layer's own cache length. `kwargs` go to the attention
     function (e.g. `evidence`)."""
     use_adaretake_attention(loaded)
-    cache = cache_from_artifact(loaded, artifact)
+    cache = cache_from_artifact(loaded, artifact, extra_tokens=len(token_ids))
     positions = (artifact.next_position + torch.arange(len(token_ids), device=loaded.device)).expand(3, -1)
     hidden = loaded.model.model.language_model(
         inputs_embeds=embed_tokens(loaded, token_ids),

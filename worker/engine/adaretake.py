@@ -329,9 +329,12 @@ def _accumulate_evidence(evidence: EvidenceScratch, layer_idx: int, query, key, 
     if q_len > 1:
         logits = logits.masked_fill(~bottom_right_causal_mask(q_len, kv_len, query.device)[0], float("-inf"))
     probs = logits.softmax(dim=-1).mean(dim=(0, 1)).sum(dim=0)  # [kv]
-    video = probs[evidence.video_slices[layer_idx]].cpu()
-    previous = evidence.mass.get(layer_idx)
-    evidence.mass[layer_idx] = video if previous is None else previous + video
+    video = probs[evidence.video_slices[layer_idx]]
+    # Summed where it was computed: a copy to the host per layer and token would wait for the device.
+    if layer_idx in evidence.mass:
+        evidence.mass[layer_idx].add_(video)
+    else:
+        evidence.mass[layer_idx] = video.clone()
 
 
 def _no_model_mask(*args, **kwargs):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.cache_utils import Cache
 
 from worker.engine.adaretake import (
     ATTENTION_NAME,
@@ -34,7 +35,14 @@ from worker.engine.adaretake import (
 from worker.engine.artifact import ARTIFACT_FORMAT, ArtifactError, CompressedKV
 from worker.engine.decode import SampledFrame
 from worker.engine.features import VisionFeatures
-from worker.engine.generate import embed_tokens, forward, greedy_decode, multimodal_position_ids, new_cache
+from worker.engine.generate import (
+    embed_tokens,
+    forward,
+    greedy_decode,
+    multimodal_position_ids,
+    new_cache,
+    preallocated_cache,
+)
 from worker.engine.models import LoadedModel
 from worker.engine.prompt import build_followup, build_prompt
 from worker.engine.storage import (
@@ -330,10 +338,12 @@ class CachedAnswer:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def cache_from_artifact(loaded: LoadedModel, artifact: CompressedKV):
-    """A fresh DynamicCache over the artifact's tensors. Appending creates new tensors (torch.cat), so the
-    artifact itself is never modified: any number of questions can share it."""
-    cache = new_cache(loaded)
+def cache_from_artifact(loaded: LoadedModel, artifact: CompressedKV, extra_tokens: int = 0) -> Cache:
+    """A fresh cache holding a copy of the artifact's tensors, with room for `extra_tokens` more per layer
+    (the question and the answer): they are written in place, so decoding allocates nothing per token
+    that grows with the cache, and the artifact itself is never modified: any number of questions can
+    share it."""
+    cache = preallocated_cache([n + extra_tokens for n in artifact.lengths])
     for layer_idx, (keys, values) in enumerate(zip(artifact.keys, artifact.values, strict=True)):
         cache.update(keys.to(loaded.device, loaded.dtype), values.to(loaded.device, loaded.dtype), layer_idx)
     return cache
@@ -360,11 +370,11 @@ def answer_from_artifact(
             video and the question, the newest that fit `max_history_tokens`."""
     use_adaretake_attention(loaded)
     started = time.perf_counter()
-    cache = cache_from_artifact(loaded, artifact)
     text0 = int((artifact.token_frames[0] < 0).sum())
     evidence = EvidenceScratch(video_slices={i: slice(text0, n) for i, n in enumerate(artifact.lengths)})
     prompt, history_turns = build_followup(loaded.tokenizer, question, history, max_history_tokens)
     text1 = prompt.text1_ids
+    cache = cache_from_artifact(loaded, artifact, extra_tokens=len(text1) + max_new_tokens)
     positions = (artifact.next_position + torch.arange(len(text1), device=loaded.device)).expand(3, -1)
     logits = forward(loaded, embed_tokens(loaded, text1), positions, cache, evidence=evidence)
     prefilled = time.perf_counter()
@@ -401,7 +411,8 @@ def evidence_timeline(
     total = torch.zeros(num_frames, dtype=torch.float64)
     for layer_idx, mass in evidence.mass.items():
         frames = artifact.token_frames[layer_idx][text0:].long()
-        share = mass.double() / mass.sum().clamp_min(1e-30)
+        mass = mass.double().cpu()
+        share = mass / mass.sum().clamp_min(1e-30)
         for step in range(2):  # a token covers the grid's two frames (the last grid may have one)
             target = (frames + step).clamp_max(num_frames - 1)
             total.index_add_(0, target, share / 2)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from worker.engine.models import LoadedModel
 
@@ -57,6 +58,69 @@ def embed_tokens(loaded: LoadedModel, token_ids: list[int]) -> torch.Tensor:
 
 def new_cache(loaded: LoadedModel) -> DynamicCache:
     return DynamicCache(config=loaded.model.config.get_text_config())
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values live in buffers allocated once, with room for `capacity`
+    tokens: `update` copies the new states in place and returns views of the filled part, where
+    `DynamicLayer` concatenates (a new tensor of the whole layer for every generated token). Past the
+    capacity the buffers double (one copy), so a wrong estimate costs time, never correctness.
+
+    `keys` / `values` are always exactly the filled part, so attention, masks and `get_seq_length` see
+    what they see with a `DynamicLayer`.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._key_buffer = self._new_buffer(key_states, self.capacity)
+        self._value_buffer = self._new_buffer(value_states, self.capacity)
+        self.is_initialized = True
+
+    @staticmethod
+    def _new_buffer(states: torch.Tensor, capacity: int) -> torch.Tensor:
+        batch, heads, _, head_dim = states.shape
+        return states.new_empty((batch, heads, capacity, head_dim))  # [batch, kv_heads, capacity, head_dim]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            self._grow(max(end, 2 * self.capacity))
+        self._key_buffer[:, :, self.length : end].copy_(key_states)
+        self._value_buffer[:, :, self.length : end].copy_(value_states)
+        self._set_length(end)
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if self.is_initialized:
+            self._set_length(max(0, self.length + tokens_to_remove))
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        self.keys = self._key_buffer[:, :, :length]  # a view: no copy
+        self.values = self._value_buffer[:, :, :length]
+
+    def _grow(self, capacity: int) -> None:
+        for name in ("_key_buffer", "_value_buffer"):
+            old = getattr(self, name)
+            new = self._new_buffer(old, capacity)
+            new[:, :, : self.length].copy_(old[:, :, : self.length])
+            setattr(self, name, new)
+        self.capacity = capacity
+
+
+def preallocated_cache(capacities: list[int]) -> Cache:
+    """A cache of `PreallocatedLayer`s, one per language-model layer, each with room for `capacities[i]`
+    tokens (e.g. a cached video's length + the question + `max_new_tokens`)."""
+    return Cache(layers=[PreallocatedLayer(capacity) for capacity in capacities])
 
 
 @torch.inference_mode()
