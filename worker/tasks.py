@@ -442,6 +442,7 @@ def _video_timings_from(seconds: dict[str, float]) -> dict[str, float]:
         "load": seconds.get("load", 0.0),
         "wait": seconds.get("wait", 0.0),
         "decode": seconds.get("decode", 0.0),
+        "preprocess": seconds.get("preprocess", 0.0),  # with decode, in the decoding thread
         "vision": seconds.get("vision", 0.0),
         "video_prefill": seconds.get("prefill", 0.0),
         "compress": seconds.get("compress", 0.0),

@@ -23,7 +23,8 @@ class Answer:
     """A generated answer and what it cost.
 
     Args:
-        timings (dict[str, float]): seconds per stage: "decode" (video), "vision", "prefill", "generate".
+        timings (dict[str, float]): seconds per stage: "decode" (video) and "preprocess" (in the decoding
+            thread), "wait" (for that thread), "vision", "prefill", "generate".
     """
 
     text: str

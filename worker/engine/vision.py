@@ -6,6 +6,7 @@ lossless and keeps pixel memory bounded by the slice, not by the video.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -18,10 +19,13 @@ from worker.engine.config import SamplingConfig
 from worker.engine.decode import SampledFrame, VideoInfo, probe, sample_frames
 from worker.engine.features import VideoLayout, VisionFeatures
 from worker.engine.models import LoadedModel
+from worker.engine.pipeline import Prefetcher
 from worker.engine.preprocess import normalisation_table, patchify_frames
 from worker.engine.timing import StageTimer
 
 VISION_SLICE_GRIDS = 16  # temporal grids per vision forward in `encode_video`: 32 frames, one default chunk
+PREFETCH_SLICES = 2  # slices decoded ahead of the tower: enough to hide decoding jitter, bounded memory
+DECODE_THREAD = "videoqa-decode"
 
 
 @dataclass
@@ -47,29 +51,41 @@ def encode_slices(
     slice_grids: int = 64,
     timer: StageTimer | None = None,
     on_frames: Callable[[int], None] | None = None,
+    prefetch: int = PREFETCH_SLICES,
 ) -> Iterator[VideoSlice]:
-    """Vision-encode `frames` in slices of `slice_grids` temporal grids.
+    """Vision-encode `frames` in slices of `slice_grids` temporal grids. Decoding and preprocessing run
+    ahead in a thread (`Prefetcher`), at most `prefetch` slices ahead, while the tower encodes; close the
+    generator (or exhaust it) to stop that thread.
 
     Args:
         loaded (LoadedModel): the model whose vision tower encodes.
-        frames: sampled frames, all of one size (the decoder guarantees it).
+        frames: sampled frames, all of one size (the decoder guarantees it); iterated in the thread.
         slice_grids (int): temporal grids (of `temporal_patch_size` frames) per vision forward.
-        timer (StageTimer): charged with "decode" (waiting on `frames`) and "vision" (preprocess + tower).
+        timer (StageTimer): charged with "decode" (waiting on `frames`) and "preprocess" (patchify), both in
+            the thread, "vision" (the tower) and "wait" (the tower waiting for the thread).
         on_frames: called with the number of frames in each slice, for progress reporting.
     """
     timer = timer or StageTimer()
+    batches = _patchified(frames, loaded, slice_grids * loaded.vision.temporal_patch_size, timer)
+    with Prefetcher(batches, depth=prefetch, name=DECODE_THREAD) as ready:
+        for inputs, timestamps in timer.timed("wait", ready):
+            with timer.stage("vision"):
+                pixels = inputs.pixel_values_videos.to(loaded.device, loaded.dtype)
+                grid = inputs.video_grid_thw.to(loaded.device)
+                embeds = loaded.model.model.get_video_features(pixels, grid).pooler_output[0]
+            if on_frames is not None:
+                on_frames(len(timestamps))
+            yield VideoSlice(embeds, tuple(inputs.video_grid_thw[0].tolist()), timestamps)
+
+
+def _patchified(frames: Iterable[SampledFrame], loaded: LoadedModel, slice_frames: int, timer: StageTimer):
+    """(patchified inputs, timestamps) per slice of `slice_frames` frames: the CPU half of encoding."""
     table = normalisation_table(loaded.vision)
-    slice_frames = slice_grids * loaded.vision.temporal_patch_size
     frames = timer.timed("decode", frames)
     while batch := list(islice(frames, slice_frames)):
-        with timer.stage("vision"):
+        with timer.stage("preprocess"):
             inputs = patchify_frames([f.image for f in batch], loaded.vision, table)
-            pixels = inputs.pixel_values_videos.to(loaded.device, loaded.dtype)
-            grid = inputs.video_grid_thw.to(loaded.device)
-            embeds = loaded.model.model.get_video_features(pixels, grid).pooler_output[0]
-        if on_frames is not None:
-            on_frames(len(batch))
-        yield VideoSlice(embeds, tuple(inputs.video_grid_thw[0].tolist()), [f.timestamp for f in batch])
+        yield inputs, [f.timestamp for f in batch]
 
 
 def concat_slices(slices: Iterable[VideoSlice]) -> VideoSlice:
@@ -120,7 +136,8 @@ def encode_video(
     Args:
         timer (StageTimer): charged with "decode" and "vision".
         on_progress: called with ("decoding", 0) first, then ("encoding", fraction of frames done).
-        on_frame: called with every sampled frame as it is decoded (e.g. to write thumbnails).
+        on_frame: called with every sampled frame as it is decoded (e.g. to write thumbnails), in the
+            decoding thread; what it raises fails the encoding.
     """
     timer = timer or StageTimer()
     progress = on_progress or (lambda stage, fraction: None)
@@ -130,10 +147,14 @@ def encode_video(
     if on_frame is not None:
         frames = _tapped(frames, on_frame)
     pieces, timestamps = [], []
-    for piece in encode_slices(loaded, frames, slice_grids=VISION_SLICE_GRIDS, timer=timer):
-        pieces.append(piece.embeds.cpu())
-        timestamps.extend(piece.timestamps)
-        progress("encoding", len(timestamps) / max(1, layout.num_frames))
+    # Closed on any exit, so the decoding thread stops with it (an early exit leaves it suspended).
+    with contextlib.closing(
+        encode_slices(loaded, frames, slice_grids=VISION_SLICE_GRIDS, timer=timer)
+    ) as slices:
+        for piece in slices:
+            pieces.append(piece.embeds.cpu())
+            timestamps.extend(piece.timestamps)
+            progress("encoding", len(timestamps) / max(1, layout.num_frames))
     return VisionFeatures(
         embeds=torch.cat(pieces),
         timestamps=timestamps,

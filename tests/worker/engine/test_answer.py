@@ -108,7 +108,7 @@ def test_answer_on_real_clip_streams_text_and_reports_timings(loaded):
     assert answer.num_video_tokens == 4 * (56 // 28) * (112 // 28)  # 1280x720 -> 112x56: 4 grids of 2x4
     assert 1 <= len(answer.token_ids) <= 6
     assert "".join(streamed) == answer.text
-    assert set(answer.timings) == {"decode", "vision", "prefill", "generate"}
+    assert set(answer.timings) == {"decode", "preprocess", "wait", "vision", "prefill", "generate"}
     assert all(seconds >= 0 for seconds in answer.timings.values())
 
 
