@@ -260,12 +260,29 @@ function seekTo(seconds) {
   updateClock();
 }
 
-$("play").addEventListener("click", () => (player.paused ? player.play() : player.pause()).catch?.(() => {}));
+$("play").addEventListener("click", () => {
+  if (player.paused) player.play().catch(showError);
+  else player.pause();
+});
 player.addEventListener("play", () => { $("play").textContent = "❚❚"; $("play").ariaLabel = "Pause"; });
 player.addEventListener("pause", () => { $("play").textContent = "▶"; $("play").ariaLabel = "Play"; });
 for (const name of ["timeupdate", "loadedmetadata", "seeked"]) player.addEventListener(name, updateClock);
 player.addEventListener("loadedmetadata", drawEvidence);
-player.addEventListener("error", () => { if (player.getAttribute("src")) showError(new Error("the player cannot play this file")); });
+player.addEventListener("error", async () => {
+  if (!player.getAttribute("src")) return;
+  const id = state.selected;
+  if (state.media && state.media.expires_at * 1000 <= Date.now()) {  // the signed URL ran out: renew it
+    const at = player.currentTime;
+    try {
+      state.media = await api(`/videos/${id}/media-token`, { method: "POST" });
+      if (state.selected !== id) return;
+      player.src = BASE + state.media.content_url;
+      player.currentTime = at;
+    } catch (error) { showError(error); }
+    return;
+  }
+  showError(new Error("the player cannot play this file"));
+});
 $("seek").addEventListener("input", () => seekTo((Number($("seek").value) / 1000) * duration()));
 $("evidence-strip").addEventListener("click", (event) => {
   const box = event.currentTarget.getBoundingClientRect();

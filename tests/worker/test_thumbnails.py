@@ -7,11 +7,12 @@ import io
 import av
 import numpy as np
 
+import worker.tasks
 from service.conversations import Conversations
-from tests.helpers import synthetic_frame
+from tests.helpers import make_video, synthetic_frame, truncated_copy
 from tests.worker.test_tasks import BUNNY, TENANT, upload
 from worker.tasks import answer_job, index_video_job
-from worker.thumbnails import encode_jpeg
+from worker.thumbnails import ThumbnailWriter, encode_jpeg
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
@@ -28,7 +29,7 @@ def test_a_jpeg_is_at_most_160_wide_keeps_its_aspect_and_its_picture():
     assert small.shape == (56, 112, 3)  # never upscaled
 
 
-def test_indexing_writes_one_thumbnail_per_sampled_frame_and_a_failure_leaves_none(rt, settings, tmp_path):
+def test_indexing_writes_a_thumbnail_per_sampled_frame_and_a_follow_up_gets_the_conversation(rt, settings):
     video = upload(rt, BUNNY)
     index_video_job(rt, video["id"])
     ready = rt.records.get_video(video["id"])
@@ -38,19 +39,9 @@ def test_indexing_writes_one_thumbnail_per_sampled_frame_and_a_failure_leaves_no
     assert decode_jpeg((frames / "0.jpg").read_bytes()).shape[1] == 112  # the tiny preset's frames
     assert not [p for p in frames.parent.iterdir() if ".tmp-" in p.name]
 
-    truncated = tmp_path / "cut.mp4"
-    truncated.write_bytes(BUNNY.read_bytes()[: BUNNY.stat().st_size // 2])
-    bad = upload(rt, truncated)
-    index_video_job(rt, bad["id"])
-    assert rt.records.get_video(bad["id"])["status"] == "failed"
-    leftovers = [p for p in settings.artifacts_dir.rglob("*") if ".tmp-" in p.name]
-    assert leftovers == []
-
-
-def test_a_follow_up_is_answered_with_the_conversation_and_the_artifact_is_untouched(rt, settings):
-    video = upload(rt, BUNNY)
-    index_video_job(rt, video["id"])
-    artifact = settings.artifacts_dir / f"{rt.records.get_video(video['id'])['artifact_key']}.safetensors"
+    # Two questions in one conversation: the second is answered with the first exchange in its prompt,
+    # from the same cached artifact, which stays byte-identical.
+    artifact = settings.artifacts_dir / f"{ready['artifact_key']}.safetensors"
     original = hashlib.sha256(artifact.read_bytes()).hexdigest()
     conversations = Conversations(rt.records)
     conversation = conversations.create(tenant=TENANT, video_id=video["id"])
@@ -68,3 +59,22 @@ def test_a_follow_up_is_answered_with_the_conversation_and_the_artifact_is_untou
     assert (first["history_turns"], second["history_turns"]) == (0, 1)
     assert second["cache_hit"] is True
     assert hashlib.sha256(artifact.read_bytes()).hexdigest() == original
+
+
+def test_a_failed_compression_leaves_no_thumbnails_behind(rt, settings, tmp_path, monkeypatch):
+    writers = []
+
+    class Recorded(ThumbnailWriter):
+        def __init__(self, target):
+            super().__init__(target)
+            writers.append(self)
+
+    monkeypatch.setattr(worker.tasks, "ThumbnailWriter", Recorded)
+    whole = tmp_path / "whole.mp4"
+    make_video(whole, seconds=6, faststart=True)  # the index first: the start still decodes when cut
+    bad = upload(rt, truncated_copy(whole, tmp_path / "cut.mp4", 0.6))
+    index_video_job(rt, bad["id"])
+    assert rt.records.get_video(bad["id"])["error_code"] == "corrupt_video"
+    [writer] = writers
+    assert writer.count > 0  # frames were decoded and staged before the failure...
+    assert not writer.staging.exists() and not writer.target.exists()  # ...and none is left
