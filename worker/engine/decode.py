@@ -16,8 +16,9 @@ puts every sample within half an interval of its target:
 - `keyframes`: one pass that decodes keyframes only (other packets never reach the decoder), for
   containers without an index. Should a keyframe gap turn out longer than the probe promised, the
   packets of that gap are decoded after all, so the guarantee holds.
-- `nonref`: one pass with FFmpeg skipping non-reference frames (most B-frames), when a short probe
-  shows the frames left are never more than an interval apart.
+- `nonref`: one pass with FFmpeg skipping frames no kept frame refers to: every B-frame where a short
+  probe decodes the rest bit for bit as a full pass (x264's B-pyramid), else the non-reference frames;
+  when the probe shows the frames left are never more than an interval apart.
 - `all`: one pass decoding every frame, the nearest to each target is picked (the default for
   streams with long keyframe intervals and no droppable frames).
 
@@ -29,6 +30,7 @@ lost (`MIN_DECODED_FRACTION`) fails the video with `CorruptVideoError`.
 """
 
 import dataclasses
+import hashlib
 import itertools
 import math
 import os
@@ -311,12 +313,15 @@ class StreamStructure:
         nonref_gap (float | None): the longest gap between frames left when non-reference frames are
             skipped, over the first seconds (None: not probed).
         nonref_fraction (float): the share of frames those are.
+        nonref_skip (str): FFmpeg's `skip_frame` that leaves them: "NONREF", or "BIDIR" (every B-frame)
+            where the probe decoded the frames left bit for bit as a full pass does.
     """
 
     keyframe_interval: float
     seekable: bool
     nonref_gap: float | None = None
     nonref_fraction: float = 1.0
+    nonref_skip: str = "NONREF"
 
 
 def choose_strategy(structure: StreamStructure, interval: float) -> Strategy:
@@ -341,8 +346,9 @@ def choose_strategy(structure: StreamStructure, interval: float) -> Strategy:
 
 def probe_structure(path: str | os.PathLike, interval: float, duration: float) -> StreamStructure:
     """Measure what `choose_strategy` needs: keyframe gaps from packets alone (at the start and, where
-    the container can seek, a third and two thirds in), and, unless keyframes already decide, what
-    skipping non-reference frames leaves of the first `NONREF_PROBE_SECONDS`.
+    the container can seek, a third and two thirds in), and, unless keyframes already decide or the
+    stream has no B-frames, what skipping B-frames (where that is exact) or else non-reference frames
+    leaves of the first `NONREF_PROBE_SECONDS`.
 
     Args:
         path (str | os.PathLike): the video file (opened anew: a caller's position is left alone).
@@ -353,28 +359,47 @@ def probe_structure(path: str | os.PathLike, interval: float, duration: float) -
         stream = _video_stream(container, path)
         seekable = any(name in container.format.name.split(",") for name in SEEKABLE_FORMATS)
         start, time_base = stream.start_time or 0, float(stream.time_base)
+        # Without B-frames (as the codec parameters say, before decoding) every frame is a reference.
+        droppable = bool(stream.codec_context.has_b_frames)
         gaps = []
         for point in KEYFRAME_PROBE_POINTS if seekable else KEYFRAME_PROBE_POINTS[:1]:
             if point:
                 container.seek(start + round(point * duration / time_base), stream=stream)
             gaps.append(_keyframe_gap(container, stream, window=2 * interval))
     structure = StreamStructure(keyframe_interval=max(gaps), seekable=seekable)
-    if structure.keyframe_interval <= interval / 2:
+    if structure.keyframe_interval <= interval / 2 or not droppable:
         return structure
+    full = _skip_probe(path, "DEFAULT")
+    # Skipping every B-frame is exact when no other frame refers to one (x264's B-pyramid keeps its
+    # reference B-frames to other B-frames): then the frames left decode bit for bit as in a full pass.
+    kept = _skip_probe(path, "BIDIR")
+    skip = "BIDIR"
+    if not kept or any(full.get(time) != digest for time, digest in kept.items()):
+        kept, skip = _skip_probe(path, "NONREF"), "NONREF"
+    if len(kept) < 2:
+        return structure
+    times = sorted(kept)
+    gap = max(b - a for a, b in itertools.pairwise(times))
+    return dataclasses.replace(
+        structure, nonref_gap=gap, nonref_fraction=len(kept) / len(full), nonref_skip=skip
+    )
+
+
+def _skip_probe(path: str | os.PathLike, skip: str) -> dict[float, bytes]:
+    """The frames of the first `NONREF_PROBE_SECONDS` decoded with `skip_frame=skip`: time -> pixel digest."""
+    frames = {}
     with _open(path) as container:
         stream = _video_stream(container, path)
-        stream.codec_context.skip_frame = "NONREF"
-        times, packets = [], 0
+        start, time_base = stream.start_time or 0, float(stream.time_base)
+        stream.codec_context.skip_frame = skip
         for packet in _packets(container, stream):
             if packet.pts is not None and (packet.pts - start) * time_base > NONREF_PROBE_SECONDS:
                 break
-            packets += packet.size > 0
-            times.extend((f.pts - start) * time_base for f in _decode(packet) if f.pts is not None)
-    if len(times) < 2:
-        return structure
-    times.sort()
-    gap = max(b - a for a, b in itertools.pairwise(times))
-    return dataclasses.replace(structure, nonref_gap=gap, nonref_fraction=len(times) / packets)
+            for frame in _decode(packet):
+                if frame.pts is not None:
+                    pixels = frame.to_ndarray().tobytes()
+                    frames[(frame.pts - start) * time_base] = hashlib.blake2b(pixels, digest_size=16).digest()
+    return frames
 
 
 def _keyframe_gap(container: InputContainer, stream: VideoStream, window: float) -> float:
@@ -430,6 +455,16 @@ class SampledVideo(Iterator[SampledFrame]):
     def __next__(self) -> SampledFrame:
         return next(self._frames)
 
+    def report(self) -> dict:
+        """JSON-ready facts of the decoding: strategy, lost samples, damaged seconds, decode errors."""
+        return {
+            "decode_strategy": self.strategy,
+            # [start, end] spans of seconds whose samples lie in damaged data (repeating the nearest good one)
+            "damaged_seconds": [list(span) for span in self.damage.seconds],
+            "lost_frames": self.damage.lost_samples,
+            "decode_errors": self.damage.decode_errors,
+        }
+
     def _sample(self) -> Iterator[SampledFrame]:
         path, sampling = self.path, self.sampling
         with _open(path) as container:
@@ -444,7 +479,7 @@ class SampledVideo(Iterator[SampledFrame]):
             stream.thread_type = "SLICE" if self.strategy == "seek" else "AUTO"
             stream.thread_count = self.threads
             if self.strategy == "nonref":
-                stream.codec_context.skip_frame = "NONREF"
+                stream.codec_context.skip_frame = structure.nonref_skip
             tail = max(tolerance, END_TOLERANCE)  # declared and actual ends differ a little in healthy files
 
             def uncovered(start: float, end: float) -> bool:
