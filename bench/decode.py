@@ -56,30 +56,15 @@ class Input:
         return looped_bunny(self.seconds, encode=self.encode, tag=self.tag)
 
 
+# 320x180, a keyframe every 2 s (50 frames) and never between (no scene-cut keyframes).
+LOW_RES_GOP50 = ("-vf", "scale=320:180", "-c:v", "libx264", "-preset", "veryfast", "-crf", "28", "-g", "50",
+                 "-sc_threshold", "0")  # fmt: skip
+# The new targets first: on a busy machine their rows come out before the others.
 INPUTS = [
-    Input("1 min", 60, floor=True, target="<= 1.1x"),
-    Input("10 min", 600, floor=True, target="<= 1.1x, no worse than before"),
+    Input("3 h, 2-s GOP", 3 * 3600, LOW_RES_GOP50, tag="180p_gop50", target="<= 0.1x"),
     Input("10 min B-frames", 600, ("-c:v", "libx264"), tag="720p_x264", target="<= 0.6x"),
-    Input(
-        "3 h, 2-s GOP",
-        3 * 3600,
-        tag="180p_gop50",
-        target="<= 0.1x",
-        encode=(
-            "-vf",
-            "scale=320:180",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "veryfast",
-            "-crf",
-            "28",
-            "-g",
-            "50",
-            "-sc_threshold",
-            "0",
-        ),
-    ),  # fmt: skip
+    Input("10 min", 600, floor=True, target="<= 1.1x, no worse than before"),
+    Input("1 min", 60, floor=True, target="<= 1.1x"),
 ]
 
 # Consumes every sampled frame; reports the count, the strategy and the largest distance from a target.

@@ -108,8 +108,9 @@ class Records:
             "id": video_id, "tenant": tenant, "sha256": sha256, "filename": filename,
             "size_bytes": size_bytes, "path": path, "container": container,
             "status": VideoStatus.QUEUED.value, "stage": "queued", "progress": 0.0,
-            "duration": None, "frames": None, "tokens_before": None, "tokens_after": None,
-            "artifact_bytes": None, "cache_tier": None, "artifact_key": None, "index_job_id": None,
+            "duration": None, "frames": None, "damaged_seconds": None, "tokens_before": None,
+            "tokens_after": None, "artifact_bytes": None, "cache_tier": None, "artifact_key": None,
+            "index_job_id": None,
             "error_code": None, "error_message": None, "created_at": now, "updated_at": now,
         }  # fmt: skip
         with self.client.pipeline() as pipe:

@@ -29,11 +29,12 @@ class ErrorBody(BaseModel):
 # Record fields published as they are; the others are reshaped (error, timestamps, links, ...).
 _VIDEO_FACTS = (
     "id", "status", "stage", "progress", "filename", "size_bytes", "sha256", "container", "duration",
-    "frames", "tokens_before", "tokens_after", "artifact_bytes", "features_bytes", "cache_tier",
+    "frames", "damaged_seconds", "tokens_before", "tokens_after", "artifact_bytes", "features_bytes",
+    "cache_tier",
 )  # fmt: skip
 _JOB_FACTS = (
     "id", "kind", "video_id", "status", "question", "mode", "max_new_tokens", "answer", "token_count",
-    "timings", "conversation_id", "history_turns",
+    "timings", "conversation_id", "history_turns", "warnings",
 )  # fmt: skip
 
 
@@ -55,6 +56,11 @@ class VideoPublic(BaseModel):
     container: str = Field(description="Sniffed from the first bytes: mp4, mov, mkv, webm, avi, mpegts, ...")
     duration: float | None = Field(description="Seconds, once decoded.")
     frames: int | None = Field(description="Frames sampled for the model.")
+    damaged_seconds: list[list[float]] | None = Field(
+        description="[[start, end], ...] seconds of the video that lie in damaged data and could not be "
+        "decoded (their frames repeat the nearest good one); empty when the file decoded whole. Indexing "
+        "fails as corrupt_video when more than half of the sampled frames are lost.",
+    )
     tokens_before: int | None = Field(description="Video tokens before compression.")
     tokens_after: int | None = Field(description="Video tokens kept in the compressed cache.")
     artifact_bytes: int | None
@@ -181,6 +187,9 @@ class JobPublic(BaseModel):
     history_turns: int | None = Field(description="Earlier exchanges that fit the prompt's history budget.")
     cache: CacheInfo | None
     timings: dict[str, float] | None = Field(description="Seconds per stage.")
+    warnings: list[str] | None = Field(
+        description="What the job worked around, e.g. damaged seconds of the video it indexed."
+    )
     evidence: Evidence | None
     error: ErrorDetail | None
     created_at: datetime

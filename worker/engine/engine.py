@@ -182,6 +182,7 @@ def compress_video(
         "kept_per_chunk": kept_per_chunk,
         "seconds": dict(timer.seconds),
         "guide": "question" if guide_question else "generic",
+        **features.metadata.get("decode", {}),  # strategy and damage (absent from features saved before)
     }
     settings = config.settings()
     return CompressedKV(
