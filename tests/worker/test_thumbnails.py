@@ -9,7 +9,7 @@ import numpy as np
 
 import worker.tasks
 from service.conversations import Conversations
-from tests.helpers import make_video, synthetic_frame, truncated_copy
+from tests.helpers import make_video, synthetic_frame
 from tests.worker.test_tasks import BUNNY, TENANT, upload
 from worker.tasks import answer_job, index_video_job
 from worker.thumbnails import ThumbnailWriter, encode_jpeg
@@ -64,17 +64,22 @@ def test_indexing_writes_a_thumbnail_per_sampled_frame_and_a_follow_up_gets_the_
 def test_a_failed_compression_leaves_no_thumbnails_behind(rt, settings, tmp_path, monkeypatch):
     writers = []
 
-    class Recorded(ThumbnailWriter):
+    class FailingAfterThree(ThumbnailWriter):  # the compression fails once three frames were staged
         def __init__(self, target):
             super().__init__(target)
             writers.append(self)
 
-    monkeypatch.setattr(worker.tasks, "ThumbnailWriter", Recorded)
-    whole = tmp_path / "whole.mp4"
-    make_video(whole, seconds=6, faststart=True)  # the index first: the start still decodes when cut
-    bad = upload(rt, truncated_copy(whole, tmp_path / "cut.mp4", 0.6))
+        def __call__(self, frame):
+            super().__call__(frame)
+            if self.count == 3:
+                raise RuntimeError("the volume is full")
+
+    monkeypatch.setattr(worker.tasks, "ThumbnailWriter", FailingAfterThree)
+    clip = tmp_path / "clip.mp4"
+    make_video(clip, seconds=6)
+    bad = upload(rt, clip)
     index_video_job(rt, bad["id"])
-    assert rt.records.get_video(bad["id"])["error_code"] == "corrupt_video"
+    assert rt.records.get_video(bad["id"])["status"] == "failed"
     [writer] = writers
-    assert writer.count > 0  # frames were decoded and staged before the failure...
+    assert writer.count == 3  # frames were decoded and staged before the failure...
     assert not writer.staging.exists() and not writer.target.exists()  # ...and none is left
