@@ -15,10 +15,14 @@ the engine's layer allocations (adakv, even, pyramid) and temporal allocations (
 random eviction from an uncompressed artifact (as many tokens per layer as adakv without temporal
 allocation keeps), and uniform frame subsampling to about the same token count.
 
-Run: python bench/fidelity.py [--families qwen2_5_vl qwen2_vl]
+Run: python bench/fidelity.py [--families qwen2_5_vl qwen2_vl] [--trained]
+
+With --trained it measures the trained needle checkpoints (models/needle/) on a held-out needle video
+with its question templates, in a section of its own; the random-weight section stays a plumbing check.
 """
 
 import argparse
+import dataclasses
 import datetime
 import math
 import platform
@@ -34,6 +38,7 @@ from common import BUILD, ROOT, write_section
 
 from worker.engine.adaretake import CompressionConfig, EvidenceScratch
 from worker.engine.artifact import CompressedKV
+from worker.engine.checkpoint_settings import read_checkpoint_settings, with_settings
 from worker.engine.config import SamplingConfig
 from worker.engine.engine import (
     answer_from_artifact,
@@ -44,10 +49,17 @@ from worker.engine.engine import (
 from worker.engine.generate import embed_tokens
 from worker.engine.models import LoadedModel, load_model
 from worker.engine.prompt import build_prompt
+from worker.needle.train import TrainConfig
+from worker.needle.videos import questions as needle_questions
+from worker.needle.videos import random_spec, write_video
 from worker.tiny import make_tiny
 
 SECTION = "## Compression fidelity (bench/fidelity.py)"
+TRAINED_SECTION = "## Compression fidelity, trained needle checkpoints (bench/fidelity.py --trained)"
 PLOT = ROOT / "docs" / "fidelity.png"
+PLOT_TRAINED = ROOT / "docs" / "fidelity_trained.png"
+CHECKPOINTS = ROOT / "models" / "needle"
+TRAINED_SEED = 11
 FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 BUDGET_SHARES = (0.05, 0.10, 0.20, 0.40, 0.80)
 CLIP_SECONDS = 30
@@ -141,7 +153,9 @@ def teacher_forced_logits(
     return loaded.model.lm_head(hidden[0]).float()  # [seq, vocab]
 
 
-def reference_probes(loaded: LoadedModel, full: CompressedKV, text0: int) -> tuple[list[Probe], float]:
+def reference_probes(
+    loaded: LoadedModel, full: CompressedKV, text0: int, questions: tuple[str, ...]
+) -> tuple[list[Probe], float]:
     """The uncompressed cache's greedy answer to each question and its logits under teacher forcing,
     checked against the engine's own greedy decoding step by step.
 
@@ -151,7 +165,7 @@ def reference_probes(loaded: LoadedModel, full: CompressedKV, text0: int) -> tup
         and questions). 1.0 would be perfectly uniform attention.
     """
     probes, peak = [], 0.0
-    for question in QUESTIONS:
+    for question in questions:
         steps: list[torch.Tensor] = []
         answer = answer_from_artifact(
             loaded, full, question, max_new_tokens=ANSWER_TOKENS, on_step=steps.append
@@ -186,24 +200,23 @@ def distances(loaded: LoadedModel, artifact: CompressedKV, probes: list[Probe]) 
 # ---- one model -----------------------------------------------------------------------------------------
 
 
-def run_family(loaded: LoadedModel, video: Path) -> dict:
-    """Every method at every budget, for one model."""
+def run_family(
+    loaded: LoadedModel, video: Path, base: CompressionConfig, questions: tuple[str, ...] = QUESTIONS
+) -> dict:
+    """Every method at every budget, for one model; `base` holds sampling, chunk size and guide prompt."""
     text0 = len(build_prompt(loaded.tokenizer, "").text0_ids)
-    full = compress_video(
-        loaded, video, CompressionConfig(SAMPLING, budget=KEEP_ALL, chunk_frames=CHUNK_FRAMES)
-    )
+    full = compress_video(loaded, video, dataclasses.replace(base, budget=KEEP_ALL))
     report = full.metadata["report"]
     num_video, grid_t = report["video_tokens_before"], report["grid_thw"][0]
     assert kept_video_tokens(full, text0) == num_video
-    probes, peak = reference_probes(loaded, full, text0)
+    probes, peak = reference_probes(loaded, full, text0, questions)
     cells, budgets = {}, {}
     for share in BUDGET_SHARES:
         video_budget = budgets[share] = round(share * num_video)
         for label, layer_allocation, temporal_allocation in ENGINE_METHODS:
-            config = CompressionConfig(
-                SAMPLING,
+            config = dataclasses.replace(
+                base,
                 budget=text0 + video_budget,
-                chunk_frames=CHUNK_FRAMES,
                 layer_allocation=layer_allocation,
                 temporal_allocation=temporal_allocation,
             )
@@ -222,13 +235,7 @@ def run_family(loaded: LoadedModel, video: Path) -> dict:
         ]
         cells[RANDOM, share] = {key: sum(draw[key] for draw in draws) / RANDOM_DRAWS for key in draws[0]}
         cells[RANDOM, share]["kept"] = sum(counts) / len(counts)
-        artifact = subsampled(
-            loaded,
-            video,
-            CompressionConfig(SAMPLING, chunk_frames=CHUNK_FRAMES),
-            video_budget,
-            num_video // grid_t,
-        )
+        artifact = subsampled(loaded, video, base, video_budget, num_video // grid_t)
         cells[SUBSAMPLE, share] = {
             **distances(loaded, artifact, probes),
             "kept": kept_video_tokens(artifact, text0),
@@ -467,8 +474,8 @@ def section(results: dict[str, dict], seconds: float) -> str:
     return SECTION + "\n\n" + unwrap(intro) + "\n\n" + "\n".join(body) + "\n"
 
 
-def plot(results: dict[str, dict]) -> None:
-    """KL against the video tokens each method actually kept, one panel per model: docs/fidelity.png."""
+def plot(results: dict[str, dict], path: Path = PLOT, models: str = "tiny random") -> None:
+    """KL against the video tokens each method actually kept, one panel per model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -496,17 +503,51 @@ def plot(results: dict[str, dict]) -> None:
         ax.minorticks_off()
         ax.set_xlabel("video tokens actually kept per layer (share of uncompressed); dotted: the budgets")
         ax.set_ylabel("mean KL(p_full || p_compressed), lower is better")
-        ax.set_title(
-            f"tiny random {family}: {result['video_tokens']} video tokens, {result['frames']} frames"
-        )
+        ax.set_title(f"{models} {family}: {result['video_tokens']} video tokens, {result['frames']} frames")
         ax.grid(True, alpha=0.3)
         if zeros:
             note = "not drawn, KL 0 (kept every token): " + "; ".join(zeros)
             ax.text(0.99, 0.99, note, transform=ax.transAxes, ha="right", va="top", fontsize=7)
     axes[0][0].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def trained_inputs(family: str) -> tuple[Path, CompressionConfig, tuple[str, ...]]:
+    """A held-out needle video (twice the longest training length, 4 shapes), the checkpoint's own settings
+    with 8-second chunks, and every question template that has one answer for that video."""
+    spec = random_spec(TRAINED_SEED, 2 * TrainConfig().max_seconds, "eval", depth=0.5, distractors=3)
+    BUILD.mkdir(parents=True, exist_ok=True)
+    video = write_video(spec, BUILD / f"needle_fidelity_{TRAINED_SEED}.mp4")
+    folder = CHECKPOINTS / family
+    base = with_settings(CompressionConfig(chunk_frames=16), read_checkpoint_settings(folder))
+    return video, base, tuple(qa.question for qa in needle_questions(spec))
+
+
+def trained_section(results: dict[str, dict], seconds: float, base: CompressionConfig) -> str:
+    first = next(iter(results.values()))
+    intro = [
+        f"Run on {datetime.date.today().isoformat()} with `python bench/fidelity.py --trained` "
+        f"({seconds:.0f} s "
+        f"on a {platform.machine()} CPU, fp32). The same measurement as the section above, on the trained "
+        "needle checkpoints (`models/needle/`, see bench/needle.py for their accuracy) instead of random "
+        "weights: a held-out needle video of "
+        f"{first['frames'] / base.sampling.fps:.0f} s with four shapes, {first['frames']} frames at "
+        f"{base.sampling.fps:g} fps and {base.sampling.long_side} px ({first['video_tokens']} video tokens), "
+        f"chunks of {base.chunk_frames} frames, and every question template with one answer for that video "
+        f"({first['positions']} answer positions per cell). The guide prompt is the checkpoint's: "
+        f"{base.guide_prompt!r}.",
+        "",
+        "![KL vs kept video tokens, trained checkpoints](fidelity_trained.png)",
+        "",
+    ]
+    per_family = [
+        line
+        for family, result in results.items()
+        for line in (f"### {family} (text0: {result['text0']} tokens)", "", *tables(result), "")
+    ]
+    return "\n".join([TRAINED_SECTION, "", *intro, *per_family, "What came out:", "", *reading(results), ""])
 
 
 def main() -> None:
@@ -514,14 +555,27 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument(
+        "--trained", action="store_true", help="the trained needle checkpoints on a needle video"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
+    results = {}
+    if args.trained:
+        for family in args.families:
+            video, base, questions = trained_inputs(family)
+            loaded = load_model(str(CHECKPOINTS / family), device="cpu", dtype="float32")
+            results[family] = run_family(loaded, video, base, questions)
+        plot(results, PLOT_TRAINED, "trained needle")
+        text = trained_section(results, time.perf_counter() - started, base)
+        print(text)
+        write_section(TRAINED_SECTION, text)
+        return
     models = make_tiny(BUILD / "tiny")
     video = bikes_then_bunny(CLIP_SECONDS)
-    results = {}
     for family in args.families:
         loaded = load_model(str(models[family]), device="cpu", dtype="float32")
-        results[family] = run_family(loaded, video)
+        results[family] = run_family(loaded, video, CompressionConfig(SAMPLING, chunk_frames=CHUNK_FRAMES))
     seconds = time.perf_counter() - started
     plot(results)
     text = section(results, seconds)
