@@ -323,7 +323,7 @@ def build_parser(engine_commands: bool = True) -> argparse.ArgumentParser:
     needle.add_argument("dir", type=Path, help="the checkpoint goes to DIR/FAMILY")
     needle.add_argument("--family", choices=("qwen2_5_vl", "qwen2_vl"), default="qwen2_5_vl")
     needle.add_argument("--seed", type=int, default=0)
-    needle.add_argument("--steps", type=int, default=400)
+    needle.add_argument("--steps", type=int, default=550)
     needle.add_argument("--eval-videos", type=int, default=100, help="held-out videos per length")
     needle.add_argument(
         "--workers", type=int, default=4, help="processes computing gradients (the weights are the same)"

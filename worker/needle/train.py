@@ -39,6 +39,7 @@ from worker.needle.videos import (
     GENERIC_QUESTION,
     QA,
     VideoSpec,
+    event_colour_question,
     questions,
     random_spec,
     render_frame,
@@ -66,8 +67,8 @@ VISION = {
     "qwen2_vl": {"depth": 2, "embed_dim": 64, "mlp_ratio": 2, "num_heads": 4,
                  "hidden_size": TEXT["hidden_size"]},
 }  # fmt: skip
-# Questions per training conversation: the colour question, then this many others drawn at random.
-OTHER_QUESTIONS = 2
+# Questions per training conversation besides the colour of every shape, drawn at random.
+OTHER_QUESTIONS = 1
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,10 @@ class TrainConfig:
         steps (int): optimizer steps.
         videos_per_step (int): videos (one conversation each) whose gradients one step averages.
         min_seconds (float): shortest training video.
-        max_seconds (float): longest training video; evaluation goes beyond it.
+        start_seconds (float): longest training video at the first step.
+        max_seconds (float): longest training video from `curriculum` of the run on; evaluation goes
+            beyond it.
+        curriculum (float): share of the steps over which the longest video grows to `max_seconds`.
         lr (float): peak AdamW learning rate (linear warm-up, cosine decay to 10%).
         warmup (int): warm-up steps.
         fps (float): sampling rate of training and of the checkpoint's default settings.
@@ -90,20 +94,22 @@ class TrainConfig:
 
     family: str = "qwen2_5_vl"
     seed: int = 0
-    steps: int = 400
+    steps: int = 550
     videos_per_step: int = 8
-    min_seconds: float = 4.0
+    min_seconds: float = 3.0
+    start_seconds: float = 3.0
     max_seconds: float = 20.0
-    lr: float = 2e-3
-    warmup: int = 50
+    curriculum: float = 0.6
+    lr: float = 3e-3
+    warmup: int = 30
     fps: float = 2.0
     threads: int = 1
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        if not 2 <= self.min_seconds <= self.max_seconds:
-            raise ValueError("need 2 <= min_seconds <= max_seconds")
+        if not 3 <= self.min_seconds <= self.start_seconds <= self.max_seconds:
+            raise ValueError("need 3 <= min_seconds <= start_seconds <= max_seconds (one event needs 3 s)")
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -209,12 +215,21 @@ def batch_loss(loaded: LoadedModel, videos: list[list], talks: list[Conversation
 # ---- the run --------------------------------------------------------------------------------------
 
 
+def longest_at(config: TrainConfig, step: int) -> float:
+    """The curriculum: videos start short (attention finds a shape among few tokens) and the longest
+    grows to `max_seconds` over the first `curriculum` share of the steps."""
+    progress = min(1.0, step / max(1, config.curriculum * config.steps))
+    return config.start_seconds + progress * (config.max_seconds - config.start_seconds)
+
+
 def draw_video(config: TrainConfig, step: int, item: int) -> tuple[VideoSpec, list[QA]]:
+    """A video and its conversation: the colour of every shape in it, then one other question."""
     rng = random.Random(f"{config.seed}:{step}:{item}")
-    seconds = round(rng.uniform(config.min_seconds, config.max_seconds), 1)
+    seconds = round(rng.uniform(config.min_seconds, longest_at(config, step)), 1)
     spec = random_spec(rng.randrange(1 << 62), seconds, "train")
-    colour, *others = questions(spec, rng)
-    qas = [colour, *rng.sample(others, min(OTHER_QUESTIONS, len(others)))]
+    _, *others = questions(spec, rng)
+    qas = [event_colour_question(event) for event in spec.events]
+    qas += rng.sample(others, min(OTHER_QUESTIONS, len(others)))
     rng.shuffle(qas)
     return spec, qas
 

@@ -126,7 +126,7 @@ def random_spec(
     rng = random.Random(f"{split}:{seed}")
     # At most as many events as fit with their longest duration and the gaps (4 need 12 s).
     fits = int((seconds - 2 * _MARGIN + _GAP) // (2.0 + _GAP))
-    count = 1 + (rng.randint(0, min(3, fits - 1)) if distractors is None else distractors)
+    count = 1 + (rng.randint(0, max(0, min(3, fits - 1))) if distractors is None else distractors)
     shapes = rng.sample(SHAPES, count)
     durations = [rng.uniform(1.0, 2.0) for _ in shapes]
     starts = _event_starts(rng, seconds, durations, depth)
@@ -322,8 +322,12 @@ class QA:
 
 def colour_question(spec: VideoSpec) -> QA:
     """The needle question: the colour of the target shape (no distractor has that shape)."""
-    target = spec.target
-    return QA("colour", f"What colour was the {target.shape}?", target.colour)
+    return event_colour_question(spec.target)
+
+
+def event_colour_question(event: Event) -> QA:
+    """The colour of one event's shape (every shape appears at most once in a video)."""
+    return QA("colour", f"What colour was the {event.shape}?", event.colour)
 
 
 def questions(spec: VideoSpec, rng: random.Random | None = None) -> list[QA]:

@@ -1,0 +1,369 @@
+"""Benchmark: needle QA and grounding with the trained needle checkpoints, for every compression method.
+
+A needle video (`worker.needle.videos`, held-out backgrounds) shows one shape for 1-2 seconds at a chosen
+depth, with 0-3 distractor shapes elsewhere; the question is the needle's colour ("What colour was the
+square?"). The videos are twice as long as any seen in training. For each of 10 depths x N videos, every
+method answers at video budgets of 5, 10, 20 and 40% of the uncompressed video tokens:
+
+- uncompressed (every token; the engine's r = 1 path, equal to a plain prefill);
+- question-guided adakv + paper temporal: the question is the guide prompt (the paper's setting);
+- cached adakv + paper temporal: the checkpoint's generic guide prompt (our default: compressed once);
+- question-guided adakv + reference temporal, even + paper, pyramid + paper;
+- random eviction after a full prefill, as many tokens per layer as question-guided adakv + paper keeps;
+- uniform frame subsampling to the same number of tokens.
+
+Grounding: for each answer, whether the evidence timeline's top moment lies within 1 second of the
+needle's visible interval.
+
+Run: python bench/needle.py [--videos-per-depth 20] [--families qwen2_5_vl qwen2_vl] [--processes 6]
+     python bench/needle.py --smoke     # 2 videos, nothing written: checks the whole path in seconds
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import multiprocessing
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from baselines import KEEP_ALL, evict_randomly, kept_video_tokens, subsampled
+from common import ROOT, write_section
+
+from worker.engine.adaretake import CompressionConfig
+from worker.engine.checkpoint_settings import read_checkpoint_settings, with_settings
+from worker.engine.engine import answer_from_artifact, compress_video
+from worker.engine.models import LoadedModel, load_model
+from worker.engine.prompt import build_prompt
+from worker.engine.vision import encode_video
+from worker.needle.train import RECORD_FILE, TrainConfig
+from worker.needle.videos import answer_matches, colour_question, random_spec, write_video
+
+SECTION = "## Needle QA and grounding, trained checkpoints (bench/needle.py)"
+PLOT = ROOT / "docs" / "needle.png"
+CHECKPOINTS = ROOT / "models" / "needle"
+FAMILIES = ("qwen2_5_vl", "qwen2_vl")
+DEPTHS = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))
+BUDGET_SHARES = (0.05, 0.10, 0.20, 0.40)
+SECONDS = 2 * TrainConfig().max_seconds  # twice the longest training video
+CHUNK_FRAMES = 16  # 8-second chunks: five per video, so the temporal allocation has chunks to weigh
+ANSWER_TOKENS = 4
+GROUNDING_SECONDS = 1.0
+SEED = 7  # eval videos: random_spec(SEED * 1000 + ..., split="eval"), disjoint from training by split
+
+UNCOMPRESSED = "uncompressed"
+QG = "question-guided adakv + paper"
+CACHED = "cached adakv + paper (default)"
+# (label, layer allocation, temporal allocation, question-guided) of the engine's methods.
+ENGINE_METHODS = (
+    (QG, "adakv", "paper", True),
+    (CACHED, "adakv", "paper", False),
+    ("question-guided adakv + reference", "adakv", "reference", True),
+    ("question-guided even + paper", "even", "paper", True),
+    ("question-guided pyramid + paper", "pyramid", "paper", True),
+)
+RANDOM = "random eviction"
+SUBSAMPLE = "uniform frame subsampling"
+METHODS = (*(label for label, *_ in ENGINE_METHODS), RANDOM, SUBSAMPLE)
+
+
+@dataclasses.dataclass
+class Outcome:
+    right: bool
+    grounded: bool
+    kept: float
+
+
+def grounded(answer, needle) -> bool:
+    """The top moment lies within GROUNDING_SECONDS of the needle's visible interval."""
+    if not answer.top_moments:
+        return False
+    moment = answer.top_moments[0][0]
+    end = needle.start + needle.duration
+    return needle.start - GROUNDING_SECONDS <= moment <= end + GROUNDING_SECONDS
+
+
+def one_video(loaded: LoadedModel, base: CompressionConfig, path: Path, spec) -> dict:
+    """Every method's outcome on one video: {(method, share): Outcome}, and (UNCOMPRESSED, 1.0)."""
+    qa = colour_question(spec)
+    text0 = len(build_prompt(loaded.tokenizer, "").text0_ids)
+
+    def judge(artifact) -> Outcome:
+        answer = answer_from_artifact(loaded, artifact, qa.question, max_new_tokens=ANSWER_TOKENS)
+        right = answer_matches(answer.text, qa.answer)
+        return Outcome(right, grounded(answer, spec.target), kept_video_tokens(artifact, text0))
+
+    features = encode_video(loaded, path, base.sampling)  # decoded and encoded once for every method
+    full = compress_video(loaded, path, dataclasses.replace(base, budget=KEEP_ALL), features=features)
+    report = full.metadata["report"]
+    num_video, grid_t = report["video_tokens_before"], report["grid_thw"][0]
+    outcomes = {(UNCOMPRESSED, 1.0): judge(full)}
+    for share in BUDGET_SHARES:
+        video_budget = round(share * num_video)
+        for label, layer_allocation, temporal_allocation, guided in ENGINE_METHODS:
+            config = dataclasses.replace(
+                base,
+                budget=text0 + video_budget,
+                layer_allocation=layer_allocation,
+                temporal_allocation=temporal_allocation,
+            )
+            guide = qa.question if guided else None
+            artifact = compress_video(loaded, path, config, guide_question=guide, features=features)
+            outcomes[label, share] = judge(artifact)
+            if label == QG:
+                counts = [n - text0 for n in artifact.lengths]
+        generator = torch.Generator().manual_seed(hash((spec.target.start, share)) % (1 << 31))
+        outcomes[RANDOM, share] = judge(evict_randomly(full, text0, counts, generator))
+        outcomes[SUBSAMPLE, share] = judge(subsampled(loaded, path, base, video_budget, num_video // grid_t))
+    return outcomes
+
+
+def base_config(folder: Path) -> CompressionConfig:
+    """The checkpoint's own settings (videoqa.json), with this benchmark's chunk size."""
+    return with_settings(CompressionConfig(chunk_frames=CHUNK_FRAMES), read_checkpoint_settings(folder))
+
+
+def run_depth(job: tuple[Path, int, int]) -> list[tuple[float, dict]]:
+    """(depth, outcomes) for `videos` videos with the needle at DEPTHS[depth_index], in this process."""
+    folder, depth_index, videos = job
+    torch.set_num_threads(1)
+    loaded = load_model(str(folder), device="cpu", dtype="float32")
+    base, depth, rows = base_config(folder), DEPTHS[depth_index], []
+    with tempfile.TemporaryDirectory(prefix="videoqa-needle-") as workdir:
+        for index in range(videos):
+            spec = random_spec(SEED * 1000 + depth_index * 100 + index, SECONDS, "eval", depth=depth)
+            path = write_video(spec, Path(workdir) / "needle.mp4")
+            rows.append((depth, one_video(loaded, base, path, spec)))
+    right = sum(outcomes[QG, 0.1].right for _, outcomes in rows)
+    print(f"{folder.name} depth {depth:.2f}: question-guided 10% right on {right}/{videos}", flush=True)
+    return rows
+
+
+def run(folders: dict[str, Path], videos_per_depth: int, depth_indices: range, processes: int) -> dict:
+    """Every (model, depth) job over a pool of processes (videos are independent; one torch thread
+    each)."""
+    jobs = [(folder, d, videos_per_depth) for folder in folders.values() for d in depth_indices]
+    if processes > 1:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            done = pool.map(run_depth, jobs, chunksize=1)
+    else:
+        done = [run_depth(job) for job in jobs]
+    results = {family: {"rows": [], "base": base_config(folder), "folder": folder}
+               for family, folder in folders.items()}  # fmt: skip
+    names = {folder: family for family, folder in folders.items()}
+    for (folder, _, _), rows in zip(jobs, done, strict=True):
+        results[names[folder]]["rows"] += rows
+    return results
+
+
+# ---- statistics -----------------------------------------------------------------------------------
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def cells(result: dict, key: str) -> dict:
+    """{(method, share): list of bools} for `key` ("right" or "grounded")."""
+    table: dict = {}
+    for _, outcomes in result["rows"]:
+        for cell, outcome in outcomes.items():
+            table.setdefault(cell, []).append(getattr(outcome, key))
+    return table
+
+
+def paired_difference(a: list[bool], b: list[bool]) -> tuple[float, float]:
+    """Mean of a - b over the same videos and its 95% half-width (normal approximation)."""
+    diffs = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)
+    return mean, 1.96 * math.sqrt(var / n)
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+
+def pct(values: list[bool]) -> str:
+    low, high = wilson(sum(values), len(values))
+    return f"{sum(values) / len(values):.0%} [{low:.0%}, {high:.0%}]"
+
+
+def accuracy_table(result: dict, key: str) -> list[str]:
+    table = cells(result, key)
+    lines = ["| method | " + " | ".join(f"{s:.0%}" for s in BUDGET_SHARES) + " |",
+             "|---|" + "---:|" * len(BUDGET_SHARES)]  # fmt: skip
+    full = pct(table[UNCOMPRESSED, 1.0])
+    lines.append(f"| {UNCOMPRESSED} (every token) | " + " | ".join([full] * len(BUDGET_SHARES)) + " |")
+    for method in METHODS:
+        lines.append(f"| {method} | " + " | ".join(pct(table[method, s]) for s in BUDGET_SHARES) + " |")
+    return lines
+
+
+def cost_table(results: dict) -> list[str]:
+    lines = ["| model | budget | question-guided | cached (generic guide) | cached - guided [95% CI] |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for family, result in results.items():
+        table = cells(result, "right")
+        for share in BUDGET_SHARES:
+            diff, half = paired_difference(table[CACHED, share], table[QG, share])
+            guided, cached = pct(table[QG, share]), pct(table[CACHED, share])
+            interval = f"{diff:+.0%} [{diff - half:+.0%}, {diff + half:+.0%}]"
+            lines.append(f"| {family} | {share:.0%} | {guided} | {cached} | {interval} |")
+    return lines
+
+
+def comparisons(results: dict) -> list[str]:
+    lines = []
+    for family, result in results.items():
+        table = cells(result, "right")
+        for other in (RANDOM, SUBSAMPLE):
+            diff, half = paired_difference(table[QG, 0.1], table[other, 0.1])
+            verdict = "outside noise" if diff - half > 0 else "NOT outside noise"
+            lines.append(f"- {family}, 10% budget: question-guided adakv + paper minus {other}: {diff:+.0%} "
+                         f"(95% CI {diff - half:+.0%} to {diff + half:+.0%}, paired over "
+                         f"{len(table[QG, 0.1])} videos): {verdict}.")  # fmt: skip
+    return lines
+
+
+def depth_accuracy(result: dict, depth: float, method: str, share: float) -> float:
+    rows = [outcomes[method, share].right for d, outcomes in result["rows"] if d == depth]
+    return sum(rows) / len(rows)
+
+
+def depth_table(result: dict) -> list[str]:
+    lines = ["| depth | " + " | ".join(f"{s:.0%}" for s in BUDGET_SHARES) + " | uncompressed |",
+             "|---:|" + "---:|" * (len(BUDGET_SHARES) + 1)]  # fmt: skip
+    for depth in sorted({d for d, _ in result["rows"]}):
+        shares = [depth_accuracy(result, depth, CACHED, s) for s in BUDGET_SHARES]
+        full = depth_accuracy(result, depth, UNCOMPRESSED, 1.0)
+        lines.append(f"| {depth:.2f} | " + " | ".join(f"{v:.0%}" for v in shares) + f" | {full:.0%} |")
+    return lines
+
+
+def training_table(results: dict) -> list[str]:
+    """What each checkpoint's training.json recorded: the run and its held-out accuracy."""
+    lines = ["| model | command | steps x videos | CPU run | final loss | held-out colour accuracy, "
+             "uncompressed | weights sha256 |", "|---|---|---:|---:|---:|---|---|"]  # fmt: skip
+    for family, result in results.items():
+        record = json.loads((result["folder"] / RECORD_FILE).read_text())
+        config = record["config"]
+        accuracy = ", ".join(f"{length}: {value:.0%}" for length, value in record["colour_accuracy"].items())
+        lines.append(
+            f"| {family} | `{record['command']}` | {config['steps']} x {config['videos_per_step']} | "
+            f"{record['seconds'] / 60:.0f} min | {record['final_loss']:.3f} | {accuracy} "
+            f"({record['eval_videos']} videos each) | `{record['weights_sha256'][:16]}` |"
+        )
+    return lines
+
+
+def section(results: dict, videos_per_depth: int, seconds: float) -> str:
+    any_result = next(iter(results.values()))
+    base: CompressionConfig = any_result["base"]
+    n = len(any_result["rows"])
+    parts = [
+        SECTION,
+        "",
+        f"Run on {datetime.date.today().isoformat()} with `python bench/needle.py --videos-per-depth "
+        f"{videos_per_depth}` in {seconds / 60:.0f} min ({platform.machine()}, CPU, fp32).",
+        "",
+        f"- Models: the trained checkpoints in `models/needle/` (see `training.json` beside each). Videos: "
+        f"{SECONDS:g} s (twice the longest training video), held-out backgrounds, needle at {len(DEPTHS)} "
+        f"depths x {videos_per_depth} videos = {n} videos per cell; 0-3 distractor shapes.",
+        f"- Sampling {base.sampling.fps:g} fps, {base.sampling.long_side} px, chunks of {base.chunk_frames} "
+        f"frames; budgets are shares of the uncompressed video tokens, text0 on top. Guide prompt of the "
+        f"cached mode: {base.guide_prompt!r}.",
+        "- Cells: accuracy of the colour answer (first word), with its 95% Wilson interval. Differences "
+        "between methods are paired over the same videos (95% normal interval).",
+        "",
+    ]
+    parts += ["### The checkpoints", "", *training_table(results), "",
+              f"Training lengths {TrainConfig().min_seconds:g}-{TrainConfig().max_seconds:g} s; the loss "
+              "curves are the bottom row of the plot.", ""]  # fmt: skip
+    for family, result in results.items():
+        parts += [f"### {family}: needle accuracy", "", *accuracy_table(result, "right"), ""]
+    parts += ["### Against the baselines at 10%", "", *comparisons(results), ""]
+    parts += ["### The cost of compressing once (cached generic guide vs question-guided)", "",
+              *cost_table(results), ""]  # fmt: skip
+    for family, result in results.items():
+        title = f"### {family}: grounding (evidence top moment within {GROUNDING_SECONDS:g} s of the needle)"
+        parts += [title, "", *accuracy_table(result, "grounded"), ""]
+    for family, result in results.items():
+        parts += [f"### {family}: cached default, accuracy by needle depth x budget", "",
+                  *depth_table(result), ""]  # fmt: skip
+    parts += ["![needle accuracy](needle.png)", ""]
+    return "\n".join(parts)
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, len(results), figsize=(6 * len(results), 12), squeeze=False)
+    for column, (family, result) in enumerate(results.items()):
+        table = cells(result, "right")
+        ax = axes[0][column]
+        for method in METHODS:
+            values = [sum(table[method, s]) / len(table[method, s]) for s in BUDGET_SHARES]
+            ax.plot([100 * s for s in BUDGET_SHARES], values, marker="o", label=method)
+        full = table[UNCOMPRESSED, 1.0]
+        ax.axhline(sum(full) / len(full), color="black", linestyle="--", label=UNCOMPRESSED)
+        ax.set(title=f"{family}: needle colour accuracy", xlabel="video budget (% of tokens)",
+               ylabel="accuracy", xscale="log", ylim=(0, 1.02))  # fmt: skip
+        ax.set_xticks([100 * s for s in BUDGET_SHARES], [f"{s:.0%}" for s in BUDGET_SHARES])
+        ax.legend(fontsize=7)
+        depths = sorted({d for d, _ in result["rows"]})
+        grid = [[depth_accuracy(result, d, CACHED, s) for s in BUDGET_SHARES] for d in depths]
+        heat = axes[1][column]
+        image = heat.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        heat.set(title=f"{family}: cached default by depth", xlabel="budget", ylabel="needle depth")
+        heat.set_xticks(range(len(BUDGET_SHARES)), [f"{s:.0%}" for s in BUDGET_SHARES])
+        heat.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        fig.colorbar(image, ax=heat)
+        record = json.loads((result["folder"] / RECORD_FILE).read_text())
+        curve = axes[2][column]
+        curve.plot([25 * i for i in range(len(record["losses_every_25"]))], record["losses_every_25"])
+        curve.set(title=f"{family}: training loss (answer tokens)", xlabel="step", ylabel="cross-entropy",
+                  yscale="log")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--videos-per-depth", type=int, default=20)
+    parser.add_argument("--processes", type=int, default=6, help="parallel worker processes")
+    parser.add_argument("--checkpoints", type=Path, default=CHECKPOINTS, help="folder of FAMILY checkpoints")
+    parser.add_argument("--smoke", action="store_true", help="2 videos of one family; writes nothing")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    if args.smoke:
+        family = args.families[0]
+        result = run({family: args.checkpoints / family}, 1, range(0, len(DEPTHS), 9), 1)[family]
+        print("\n".join(accuracy_table(result, "right")))
+        return
+    folders = {family: args.checkpoints / family for family in args.families}
+    results = run(folders, args.videos_per_depth, range(len(DEPTHS)), args.processes)
+    text = section(results, args.videos_per_depth, time.perf_counter() - started)
+    plot(results)
+    print(text)
+    write_section(SECTION, text)
+
+
+if __name__ == "__main__":
+    main()
