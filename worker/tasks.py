@@ -352,7 +352,7 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict, lease: Lease | None) -> N
             video_path(rt, video),
             question,
             rt.config,
-            video_hash=video["sha256"],
+            video_hash=cache_identity(video, rt.settings),
             on_progress=progress,
         )
         records.incr_counter("engine", "compressions")
