@@ -179,7 +179,9 @@ def decoded_frames(spec: VideoSpec, sampling: SamplingConfig, workdir: Path) -> 
     return [f.image for f in sample_frames(path, sampling)]
 
 
-def batch_loss(loaded: LoadedModel, videos: list[list], talks: list[Conversation], table) -> torch.Tensor:
+def batch_loss(
+    loaded: LoadedModel, videos: list[list], talks: list[Conversation], table, fps: float
+) -> torch.Tensor:
     """Mean cross-entropy of the supervised answer tokens of several conversations, in one forward: the
     vision tower takes every video at once, the language model a right-padded batch."""
     model = loaded.model
@@ -189,7 +191,7 @@ def batch_loss(loaded: LoadedModel, videos: list[list], talks: list[Conversation
         torch.cat([i.pixel_values_videos for i in inputs]), grids
     ).pooler_output  # one [tokens, hidden] per video
     embed = model.get_input_embeddings()
-    seconds_per_grid = loaded.vision.temporal_patch_size / TrainConfig().fps
+    seconds_per_grid = loaded.vision.temporal_patch_size / fps  # frames sampled at `fps`
     rows, positions, wanted, labels = [], [], [], []
     for video, grid, talk in zip(embeds, grids.tolist(), talks, strict=True):
         rows.append(torch.cat([embed(torch.tensor(talk.text0)), video, embed(torch.tensor(talk.rest))]))
@@ -276,7 +278,7 @@ def train(config: TrainConfig, *, log=None, stop_after: int | None = None, worke
     tokenizer = build_tokenizer()
     model_config = tiny_config(config.family, tokenizer, text=TEXT, vision=VISION[config.family])
     model = build_tiny_model(config.family, tokenizer, model_config, seed=config.seed).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(model.parameters())  # every one is trained; the pool's slots cover them all
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
     result = TrainResult(as_loaded(model, tokenizer, config.family))
     started = time.perf_counter()
@@ -354,7 +356,7 @@ class GradientPool:
         for param in self.model.parameters():
             param.grad = None
         talk = conversation(loaded.tokenizer, qas)
-        loss = batch_loss(loaded, [frames], [talk], _table(loaded.vision))
+        loss = batch_loss(loaded, [frames], [talk], _table(loaded.vision), self.config.fps)
         loss.backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.model.parameters()]
         self.slots[item].copy_(torch.nn.utils.parameters_to_vector(grads))
@@ -410,14 +412,15 @@ def save_trained(result: TrainResult, config: TrainConfig, folder: Path, record:
 # ---- held-out evaluation ----------------------------------------------------------------------------
 
 
-def colour_accuracy(loaded: LoadedModel, seconds: float, count: int, workdir: Path, seed: int = 0) -> float:
+def colour_accuracy(
+    loaded: LoadedModel, sampling: SamplingConfig, seconds: float, count: int, workdir: Path, seed: int = 0
+) -> float:
     """Share of held-out videos (eval backgrounds, needle anywhere) whose colour question the model
     answers right, uncompressed, through the real decoder: encoded at 4 fps, sampled at the checkpoint's
     rate."""
     from worker.engine.answer import answer_uncompressed
     from worker.needle.videos import answer_matches, colour_question, write_video
 
-    sampling = TrainConfig().sampling
     right = 0
     for index in range(count):
         spec = random_spec(seed * 1_000_003 + index, seconds, "eval")
@@ -435,7 +438,7 @@ def evaluate(loaded: LoadedModel, config: TrainConfig, count: int) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="videoqa-eval-") as workdir:
         return {
             f"{factor}x ({config.max_seconds * factor:g} s)": colour_accuracy(
-                loaded, config.max_seconds * factor, count, Path(workdir)
+                loaded, config.sampling, config.max_seconds * factor, count, Path(workdir)
             )
             for factor in (1, 2, 4)
         }
