@@ -193,22 +193,19 @@ def test_dropping_equals_masking_at_real_head_counts(loaded):
     mask = torch.zeros(1, 1, queries, total, dtype=torch.bool)
     mask[..., kept] = True
     mask &= torch.ones(queries, total, dtype=torch.bool).tril(total - queries)  # causal among the queries
-    full = torch.nn.functional.scaled_dot_product_attention(
-        query.float(),
-        key.float().repeat_interleave(7, 1),
-        value.float().repeat_interleave(7, 1),
-        attn_mask=mask,
-        scale=128**-0.5,
-    ).transpose(1, 2)
+
+    def full_attention(attn_mask: torch.Tensor) -> torch.Tensor:
+        """fp32 attention over every key, with the GQA groups expanded, under `attn_mask`."""
+        return torch.nn.functional.scaled_dot_product_attention(
+            query.float(),
+            key.float().repeat_interleave(7, 1),
+            value.float().repeat_interleave(7, 1),
+            attn_mask=attn_mask,
+            scale=128**-0.5,
+        ).transpose(1, 2)
+
     assert compressed.dtype == torch.bfloat16
-    assert (compressed.float() - full).abs().max() < 2e-2
+    assert (compressed.float() - full_attention(mask)).abs().max() < 2e-2
     wrong_mask = mask.clone()
     wrong_mask[..., : total - queries] = True  # nothing dropped: a different result
-    wrong = torch.nn.functional.scaled_dot_product_attention(
-        query.float(),
-        key.float().repeat_interleave(7, 1),
-        value.float().repeat_interleave(7, 1),
-        attn_mask=wrong_mask,
-        scale=128**-0.5,
-    ).transpose(1, 2)
-    assert (compressed.float() - wrong).abs().max() > 5e-2
+    assert (compressed.float() - full_attention(wrong_mask)).abs().max() > 5e-2
