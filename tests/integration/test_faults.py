@@ -38,10 +38,11 @@ def stack(tmp_path_factory, durable_redis, tiny_models):
         stack.stop()
 
 
-# The cases seen passing on the shared 2-core machine; bench/faults.py runs all of
+# The case that passes reliably on a 2-core machine; bench/faults.py runs all of
 # tests/integration/faults.py's WORKER_CASES and REDIS_CASES (the parent and group kills, Redis SIGKILL and
-# SIGTERM under load).
-CI_WORKER_CASES = [("child", "decoding"), ("child", "prefilling")]
+# SIGTERM under load). The child kill during prefilling is not here: with the tiny model the 5-second
+# clip's "prefilling" state lasts less than the HTTP poll sometimes sees, so the case can miss its moment.
+CI_WORKER_CASES = [("child", "decoding")]
 
 
 @pytest.mark.parametrize(("target", "phase"), CI_WORKER_CASES)
