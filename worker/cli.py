@@ -234,7 +234,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_train_needle(args: argparse.Namespace) -> int:
     from worker.needle.train import TrainConfig, evaluate, save_trained, train
 
-    config = TrainConfig(family=args.family, seed=args.seed, steps=args.steps)
+    steps = {} if args.steps is None else {"steps": args.steps}
+    config = TrainConfig(family=args.family, seed=args.seed, **steps)
     result = train(config, log=_say, workers=args.workers)
     _say(f"trained in {result.seconds:.0f}s; evaluating on {args.eval_videos} held-out videos per length")
     accuracy = evaluate(result.loaded, config, args.eval_videos)
@@ -323,7 +324,7 @@ def build_parser(engine_commands: bool = True) -> argparse.ArgumentParser:
     needle.add_argument("dir", type=Path, help="the checkpoint goes to DIR/FAMILY")
     needle.add_argument("--family", choices=("qwen2_5_vl", "qwen2_vl"), default="qwen2_5_vl")
     needle.add_argument("--seed", type=int, default=0)
-    needle.add_argument("--steps", type=int, default=550)
+    needle.add_argument("--steps", type=int, help="optimizer steps (default: the committed checkpoints')")
     needle.add_argument("--eval-videos", type=int, default=100, help="held-out videos per length")
     needle.add_argument(
         "--workers", type=int, default=4, help="processes computing gradients (the weights are the same)"

@@ -20,7 +20,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -35,11 +35,13 @@ from worker.engine.models import LoadedModel, VisionSpec
 from worker.engine.preprocess import normalisation_table, patchify_frames
 from worker.engine.prompt import build_prompt
 from worker.needle.videos import (
+    COLOURS,
     FRAME_SIZE,
     GENERIC_QUESTION,
     QA,
     VideoSpec,
     event_colour_question,
+    event_map,
     questions,
     random_spec,
     render_frame,
@@ -69,6 +71,9 @@ VISION = {
 }  # fmt: skip
 # Questions per training conversation besides the colour of every shape, drawn at random.
 OTHER_QUESTIONS = 1
+# Classes of the per-token target: what each video token shows.
+TOKEN_CLASSES = ("background", *COLOURS)
+IGNORED = -100  # tokens a shape only grazes: neither background nor a clear needle
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,18 @@ class TrainConfig:
         start_seconds (float): longest training video at the first step.
         max_seconds (float): longest training video from `curriculum` of the run on; evaluation goes
             beyond it.
-        curriculum (float): share of the steps over which the longest video grows to `max_seconds`.
-        lr (float): peak AdamW learning rate (linear warm-up, cosine decay to 10%).
+        stills (int): first steps, on 1-second clips with one shape on screen throughout (16 video tokens):
+            the vision tower learns what a needle is and attention finds it among few tokens before it has
+            to find one in a long video. Without them no run learned to look (every video got one answer).
+        stills_per_step (int): clips per step during `stills` (they are cheap).
+        curriculum (float): share of the steps after `stills` over which the longest video grows from
+            `start_seconds` to `max_seconds`.
+        lr (float): peak AdamW learning rate (linear warm-up, cosine decay to 10%). At 3e-3 every run
+            collapsed to one answer for all videos; 1e-3 learns.
+        token_weight (float): weight of the per-token target beside the answers' loss: a linear head
+            (trained, then discarded) reads from each video token the colour of the shape it shows, or
+            background. Without it the answers alone never taught the model to find the needle: every
+            run answered one colour for every video.
         warmup (int): warm-up steps.
         fps (float): sampling rate of training and of the checkpoint's default settings.
         threads (int): torch CPU threads (fixed, so that runs repeat exactly; one is fastest on a shared
@@ -94,13 +109,16 @@ class TrainConfig:
 
     family: str = "qwen2_5_vl"
     seed: int = 0
-    steps: int = 550
+    steps: int = 2000
     videos_per_step: int = 8
     min_seconds: float = 3.0
     start_seconds: float = 3.0
-    max_seconds: float = 20.0
+    max_seconds: float = 16.0
+    stills: int = 400
+    stills_per_step: int = 16
     curriculum: float = 0.6
-    lr: float = 3e-3
+    lr: float = 1e-3
+    token_weight: float = 1.0
     warmup: int = 30
     fps: float = 2.0
     threads: int = 1
@@ -110,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if not 3 <= self.min_seconds <= self.start_seconds <= self.max_seconds:
             raise ValueError("need 3 <= min_seconds <= start_seconds <= max_seconds (one event needs 3 s)")
+        if not 0 <= self.stills <= self.steps or not 0 <= self.curriculum <= 1:
+            raise ValueError("need 0 <= stills <= steps and 0 <= curriculum <= 1")
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -179,11 +199,42 @@ def decoded_frames(spec: VideoSpec, sampling: SamplingConfig, workdir: Path) -> 
     return [f.image for f in sample_frames(path, sampling)]
 
 
+def token_targets(spec: VideoSpec, frames: int, vision: VisionSpec, fps: float) -> torch.Tensor:
+    """Per video token (the order the vision tower emits them: time, then rows, then columns), the class in
+    TOKEN_CLASSES of what it shows: the colour of a shape when the token holds at least a quarter of that
+    shape's pixels over its frames, background where no shape touches it, IGNORED in between."""
+    tp, side = vision.temporal_patch_size, vision.patch_size * vision.merge_size
+    groups = -(-frames // tp)
+    cover = torch.zeros(groups, len(spec.events), FRAME_SIZE // side, FRAME_SIZE // side)
+    for index in range(groups * tp):
+        shown = event_map(spec, min(index, frames - 1) / fps)  # an odd tail repeats the last frame
+        for event in range(len(spec.events)):
+            pixels = (shown == event).float()
+            if total := pixels.sum():
+                pooled = F.avg_pool2d(pixels[None, None], side, divisor_override=1)[0, 0]
+                cover[index // tp, event] += pooled / total / tp
+    strongest, which = cover.max(dim=1) if spec.events else (cover.sum(dim=1), None)
+    colours = torch.tensor([TOKEN_CLASSES.index(e.colour) for e in spec.events], dtype=torch.long)
+    labels = torch.full(strongest.shape, IGNORED, dtype=torch.long)
+    labels[cover.sum(dim=1) == 0] = 0
+    clear = strongest >= 0.25
+    labels[clear] = colours[which[clear]]
+    return labels.flatten()
+
+
 def batch_loss(
-    loaded: LoadedModel, videos: list[list], talks: list[Conversation], table, fps: float
+    loaded: LoadedModel,
+    videos: list[list],
+    talks: list[Conversation],
+    table,
+    fps: float,
+    head: torch.nn.Module | None = None,
+    token_labels: list[torch.Tensor] | None = None,
+    token_weight: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of the supervised answer tokens of several conversations, in one forward: the
-    vision tower takes every video at once, the language model a right-padded batch."""
+    vision tower takes every video at once, the language model a right-padded batch. With `head` and
+    `token_labels` (per video, `token_targets`), plus `token_weight` times the per-token cross-entropy."""
     model = loaded.model
     inputs = [patchify_frames(frames, loaded.vision, table) for frames in videos]
     grids = torch.cat([i.video_grid_thw for i in inputs])  # [videos, 3]
@@ -211,22 +262,52 @@ def batch_loss(
         inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=mask, use_cache=False
     ).last_hidden_state  # [B, L, hidden]
     picked = torch.cat([hidden[index, rows_wanted] for index, rows_wanted in enumerate(wanted)])
-    return F.cross_entropy(model.lm_head(picked).float(), torch.cat(labels))
+    loss = F.cross_entropy(model.lm_head(picked).float(), torch.cat(labels))
+    if head is not None and token_weight:
+        tokens = head(torch.cat(embeds)).float()
+        loss = loss + token_weight * token_loss(tokens, torch.cat(token_labels))
+    return loss
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the needle tokens plus that of the background tokens: needles are a few percent
+    of a video's tokens, and a plain mean taught the head to answer background everywhere."""
+    loss = logits.new_zeros(())
+    for wanted in (labels > 0, labels == 0):
+        if wanted.any():
+            loss = loss + F.cross_entropy(logits[wanted], labels[wanted])
+    return loss
 
 
 # ---- the run --------------------------------------------------------------------------------------
 
 
 def longest_at(config: TrainConfig, step: int) -> float:
-    """The curriculum: videos start short (attention finds a shape among few tokens) and the longest
-    grows to `max_seconds` over the first `curriculum` share of the steps."""
-    progress = min(1.0, step / max(1, config.curriculum * config.steps))
+    """The curriculum after the stills: videos start short and the longest grows to `max_seconds` over
+    the `curriculum` share of the remaining steps."""
+    growing = config.curriculum * (config.steps - config.stills)
+    progress = min(1.0, max(0, step - config.stills) / growing) if growing > 0 else 1.0
     return config.start_seconds + progress * (config.max_seconds - config.start_seconds)
 
 
+def videos_at(config: TrainConfig, step: int) -> int:
+    return config.stills_per_step if step < config.stills else config.videos_per_step
+
+
+def still_clip(rng: random.Random) -> tuple[VideoSpec, list[QA]]:
+    """A 1-second clip over training footage with one shape on screen throughout, and its colour
+    question."""
+    spec = random_spec(rng.randrange(1 << 62), 3.0, "train", distractors=0)
+    event = replace(spec.events[0], start=0.0, duration=1.0)
+    return replace(spec, seconds=1.0, events=(event,)), [event_colour_question(event)]
+
+
 def draw_video(config: TrainConfig, step: int, item: int) -> tuple[VideoSpec, list[QA]]:
-    """A video and its conversation: the colour of every shape in it, then one other question."""
+    """A video and its conversation: the colour of every shape in it, then one other question (a still
+    clip and its colour during the first `stills` steps)."""
     rng = random.Random(f"{config.seed}:{step}:{item}")
+    if step < config.stills:
+        return still_clip(rng)
     seconds = round(rng.uniform(config.min_seconds, longest_at(config, step)), 1)
     spec = random_spec(rng.randrange(1 << 62), seconds, "train")
     _, *others = questions(spec, rng)
@@ -278,20 +359,23 @@ def train(config: TrainConfig, *, log=None, stop_after: int | None = None, worke
     tokenizer = build_tokenizer()
     model_config = tiny_config(config.family, tokenizer, text=TEXT, vision=VISION[config.family])
     model = build_tiny_model(config.family, tokenizer, model_config, seed=config.seed).train()
-    params = list(model.parameters())  # every one is trained; the pool's slots cover them all
+    torch.manual_seed(config.seed)
+    head = torch.nn.Linear(model_config.get_text_config().hidden_size, len(TOKEN_CLASSES))  # not saved
+    params = [*model.parameters(), *head.parameters()]  # every one is trained; the slots cover them all
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
     result = TrainResult(as_loaded(model, tokenizer, config.family))
     started = time.perf_counter()
-    with GradientPool(config, model, workers) as pool:
+    with GradientPool(config, model, head, workers) as pool:
         for step in range(stop_after or config.steps):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
             losses = pool.gradients(step)  # [videos]; pool.slots[i]: video i's flat gradient
-            flat = torch.stack(pool.slots).sum(dim=0) / config.videos_per_step  # [num_params]
+            videos = videos_at(config, step)
+            flat = torch.stack(pool.slots[:videos]).sum(dim=0) / videos  # [num_params]
             torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()  # in place: the workers' shared parameters follow
-            total = sum(losses) / config.videos_per_step
+            total = sum(losses) / videos
             result.losses.append(total)
             if log is not None and (step % 25 == 0 or step + 1 == config.steps):
                 log(f"step {step:5d}  loss {total:.4f}  lr {learning_rate(config, step):.2e}  "
@@ -305,13 +389,15 @@ class GradientPool:
     """Per-video gradients of the current weights, in this process or in forked workers that share the
     model's parameters (and one gradient slot per video) through shared memory."""
 
-    def __init__(self, config: TrainConfig, model, workers: int) -> None:
-        self.config, self.model, self.workers = config, model, workers
-        for param in model.parameters():
+    def __init__(self, config: TrainConfig, model, head: torch.nn.Module, workers: int) -> None:
+        self.config, self.model, self.head, self.workers = config, model, head, workers
+        self.params = [*model.parameters(), *head.parameters()]
+        for param in self.params:
             param.share_memory_()
             param.grad = torch.zeros_like(param)
-        count = sum(p.numel() for p in model.parameters())
-        self.slots = [torch.zeros(count).share_memory_() for _ in range(config.videos_per_step)]
+        count = sum(p.numel() for p in self.params)
+        most = max(config.videos_per_step, config.stills_per_step if config.stills else 0)
+        self.slots = [torch.zeros(count).share_memory_() for _ in range(most)]
         self._processes: list = []
 
     def __enter__(self) -> GradientPool:
@@ -336,7 +422,7 @@ class GradientPool:
 
     def gradients(self, step: int) -> list[float]:
         """Fill every slot with its video's gradient; returns the videos' losses."""
-        items = range(self.config.videos_per_step)
+        items = range(videos_at(self.config, step))
         if not self._processes:
             return [self._gradient(step, item, Path(self._workdir.name)) for item in items]
         for item in items:
@@ -353,12 +439,14 @@ class GradientPool:
         spec, qas = draw_video(self.config, step, item)
         frames = decoded_frames(spec, self.config.sampling, workdir)
         loaded = as_loaded(self.model, _tokenizer(), self.config.family)
-        for param in self.model.parameters():
+        for param in self.params:
             param.grad = None
         talk = conversation(loaded.tokenizer, qas)
-        loss = batch_loss(loaded, [frames], [talk], _table(loaded.vision), self.config.fps)
+        labels = token_targets(spec, len(frames), loaded.vision, self.config.fps)
+        loss = batch_loss(loaded, [frames], [talk], _table(loaded.vision), self.config.fps,
+                          self.head, [labels], self.config.token_weight)  # fmt: skip
         loss.backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.model.parameters()]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         self.slots[item].copy_(torch.nn.utils.parameters_to_vector(grads))
         return loss.item()
 
@@ -413,17 +501,24 @@ def save_trained(result: TrainResult, config: TrainConfig, folder: Path, record:
 
 
 def colour_accuracy(
-    loaded: LoadedModel, sampling: SamplingConfig, seconds: float, count: int, workdir: Path, seed: int = 0
+    loaded: LoadedModel,
+    sampling: SamplingConfig,
+    seconds: float,
+    count: int,
+    workdir: Path,
+    *,
+    distractors: int | None,
+    seed: int = 0,
 ) -> float:
     """Share of held-out videos (eval backgrounds, needle anywhere) whose colour question the model
     answers right, uncompressed, through the real decoder: encoded at 4 fps, sampled at the checkpoint's
-    rate."""
+    rate. `distractors`: other shapes in the video (None: 0-3 at random)."""
     from worker.engine.answer import answer_uncompressed
     from worker.needle.videos import answer_matches, colour_question, write_video
 
     right = 0
     for index in range(count):
-        spec = random_spec(seed * 1_000_003 + index, seconds, "eval")
+        spec = random_spec(seed * 1_000_003 + index, seconds, "eval", distractors=distractors)
         path = write_video(spec, workdir / f"eval-{seconds:g}-{index}.mp4")
         qa = colour_question(spec)
         answer = answer_uncompressed(loaded, path, qa.question, sampling=sampling, max_new_tokens=4)
@@ -433,12 +528,15 @@ def colour_accuracy(
 
 
 def evaluate(loaded: LoadedModel, config: TrainConfig, count: int) -> dict[str, float]:
-    """Colour accuracy at the longest training length and at 2x and 4x it."""
+    """Colour accuracy at the longest training length and at 2x and 4x it: of the needle alone (the
+    needle task) and among 0-3 other shapes (the model must also tell which shape was asked for)."""
     torch.set_num_threads(config.threads)
+    accuracy = {}
     with tempfile.TemporaryDirectory(prefix="videoqa-eval-") as workdir:
-        return {
-            f"{factor}x ({config.max_seconds * factor:g} s)": colour_accuracy(
-                loaded, config.sampling, config.max_seconds * factor, count, Path(workdir)
-            )
-            for factor in (1, 2, 4)
-        }
+        for factor in (1, 2, 4):
+            seconds = config.max_seconds * factor
+            for label, distractors in (("needle alone", 0), ("with 0-3 other shapes", None)):
+                accuracy[f"{factor}x ({seconds:g} s), {label}"] = colour_accuracy(
+                    loaded, config.sampling, seconds, count, Path(workdir), distractors=distractors
+                )
+    return accuracy

@@ -40,6 +40,7 @@ FRAME_SIZE = 112  # square frames: 8 x 8 patches of 14 px, 16 LLM tokens per two
 # Fraction of each clip's frames that the train split may use; eval uses the rest.
 TRAIN_SHARE = 0.6
 _CLIPS = ("bigbuckbunny", "bikes")
+SIZES = (0.10, 0.30)  # side of a shape's bounding square, as a share of the frame's side
 _SCALES = (128, 160, 208)  # clip heights before cropping: three zoom levels
 _MARGIN, _GAP = 0.5, 1.0  # seconds kept free at both ends, and between events
 
@@ -132,7 +133,7 @@ def random_spec(
     starts = _event_starts(rng, seconds, durations, depth)
     events = []
     for shape, start, duration in zip(shapes, starts, durations, strict=True):
-        size = round(rng.uniform(0.10, 0.30) * FRAME_SIZE)
+        size = round(rng.uniform(*SIZES) * FRAME_SIZE)
         events.append(
             Event(
                 shape=shape,
@@ -276,12 +277,21 @@ def render_frame(spec: VideoSpec, t: float) -> np.ndarray:
         image = image.flip(1)
     if bg.texture_alpha:
         image = image * (1 - bg.texture_alpha) + _texture(bg.texture_seed, t) * bg.texture_alpha
-    for event in spec.events:
-        if event.visible(t):
-            mask = _shape_mask(event.shape, event.size)
-            region = image[event.y : event.y + event.size, event.x : event.x + event.size]
-            region[mask] = torch.tensor(COLOURS[event.colour], dtype=torch.float32)
+    shown = event_map(spec, t)
+    for index, event in enumerate(spec.events):
+        image[shown == index] = torch.tensor(COLOURS[event.colour], dtype=torch.float32)
     return image.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def event_map(spec: VideoSpec, t: float) -> torch.Tensor:
+    """`[FRAME_SIZE, FRAME_SIZE]` long: per pixel, the index in `spec.events` of the shape covering it at
+    second `t`, -1 where none does."""
+    shown = torch.full((FRAME_SIZE, FRAME_SIZE), -1, dtype=torch.long)
+    for index, event in enumerate(spec.events):
+        if event.visible(t):
+            region = shown[event.y : event.y + event.size, event.x : event.x + event.size]
+            region[_shape_mask(event.shape, event.size)] = index
+    return shown
 
 
 def _bounce(position: float, limit: int) -> int:

@@ -4,21 +4,27 @@ workers, the loss covers the answers only, and the result is a checkpoint that l
 import json
 
 import pytest
+import torch
 
 from worker.engine.checkpoint_settings import read_checkpoint_settings
-from worker.engine.models import load_model
+from worker.engine.models import VisionSpec, load_model
 from worker.needle.train import (
+    IGNORED,
     RECORD_FILE,
+    TOKEN_CLASSES,
     TrainConfig,
     checkpoint_settings,
     conversation,
     draw_video,
     longest_at,
     save_trained,
+    token_loss,
+    token_targets,
     train,
+    videos_at,
     weights_sha256,
 )
-from worker.needle.videos import QA
+from worker.needle.videos import QA, random_spec
 from worker.tiny import build_tokenizer
 
 
@@ -48,14 +54,48 @@ def test_training_supervises_the_answers_only():
     assert tokenizer.decode(talk.rest).count("<|im_start|>assistant\n") == 2
 
 
-def test_the_curriculum_grows_video_length_and_asks_every_colour():
+def test_the_curriculum_starts_with_stills_then_grows_video_length_and_asks_every_colour():
     config = TrainConfig()
-    assert longest_at(config, 0) == config.start_seconds
+    for step in (0, config.stills - 1):
+        assert videos_at(config, step) == config.stills_per_step
+        for item in range(config.stills_per_step):
+            spec, qas = draw_video(config, step, item)
+            (event,) = spec.events
+            assert spec.seconds == 1.0 and event.visible(0.0) and event.visible(0.99)
+            assert qas == [QA("colour", f"What colour was the {event.shape}?", event.colour)]
+    assert longest_at(config, config.stills) == config.start_seconds
     assert longest_at(config, config.steps) == config.max_seconds
-    for step in (0, config.steps - 1):
+    for step in (config.stills, config.steps - 1):
+        assert videos_at(config, step) == config.videos_per_step
         for item in range(config.videos_per_step):
             spec, qas = draw_video(config, step, item)
             assert config.min_seconds <= spec.seconds <= longest_at(config, step)
             colours = {qa.question: qa.answer for qa in qas if qa.kind == "colour"}
             assert colours == {f"What colour was the {e.shape}?": e.colour for e in spec.events}
     assert draw_video(config, 5, 1) == draw_video(config, 5, 1)
+
+
+def test_token_targets_mark_the_tokens_that_hold_a_shape():
+    vision = VisionSpec(patch_size=14, temporal_patch_size=2, merge_size=2)
+    spec = random_spec(3, 8.0, "train", distractors=1)
+    labels = token_targets(spec, 16, vision, fps=2.0).view(8, 4, 4)  # [time, rows, columns]
+    for event in spec.events:
+        colour = TOKEN_CLASSES.index(event.colour)
+        groups = {int(t) for t in (labels == colour).nonzero()[:, 0]}
+        # the tokens of the two frames (0.5 s apart) in which the shape is on screen, and no others
+        assert groups and all(event.visible(2 * g / 2.0) or event.visible((2 * g + 1) / 2.0) for g in groups)
+        # the token holding the shape's centre
+        t = next(iter(groups))
+        cx, cy = event.x + event.size // 2, event.y + event.size // 2
+        assert labels[t].flatten().tolist().count(colour) >= 1
+        assert labels[t, cy // 28, cx // 28] in (colour, IGNORED)
+    assert (labels == 0).sum() > 0.8 * labels.numel()  # mostly background
+
+
+def test_token_loss_weighs_needles_and_background_alike():
+    logits = torch.zeros(100, len(TOKEN_CLASSES))
+    logits[:, 0] = 5.0  # says background everywhere
+    labels = torch.zeros(100, dtype=torch.long)
+    labels[:2] = 3
+    plain = torch.nn.functional.cross_entropy(logits, labels)
+    assert token_loss(logits, labels) > 5 > plain  # the two needle tokens count as much as the 98 others
