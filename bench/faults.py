@@ -33,6 +33,7 @@ from tests.integration.faults import (  # noqa: E402
     WORKER_CASES,
     Outcome,
     fault_stack,
+    looped_clip,
     run_redis_case,
     run_worker_case,
 )
@@ -59,6 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="videoqa-faults-") as tmp:
         root = Path(tmp)
         model = make_tiny(root / "tiny")["qwen2_5_vl"]
+        clip = looped_clip(BUNNY, root / "bunny-x4.mp4", repeats=4)
         redis = RedisServer(root / "redis", durable=True)
         (root / "redis").mkdir()
         redis.start()
@@ -71,9 +73,9 @@ def main() -> None:
                     scratch = root / "scratch" / f"{n}-{target}-{phase}"
                     scratch.mkdir(parents=True)
                     if target == "redis":
-                        outcome = run_redis_case(stack, redis, BUNNY, scratch, phase)
+                        outcome = run_redis_case(stack, redis, clip, scratch, phase)
                     else:
-                        outcome = run_worker_case(stack, BUNNY, scratch, target, phase)
+                        outcome = run_worker_case(stack, clip, scratch, target, phase)
                     results.setdefault(outcome.case, []).append(outcome)
                     print(f"run {n + 1}/{args.repeat}: {outcome}", flush=True)
         finally:

@@ -10,13 +10,16 @@ per indexed video (no temporary file left, no duplicate).
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import secrets
 import signal
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import httpx
 
 from service.contract import Keys
@@ -54,6 +57,28 @@ def fault_stack(redis: RedisServer, root: Path, model: Path) -> Stack:
     return Stack(redis.url, root / "data", model, root / "logs", api_keys=api_keys, **FAULT_SETTINGS)
 
 
+def looped_clip(source: Path, target: Path, repeats: int, width: int = 320) -> Path:
+    """`source` played `repeats` times at `width` pixels, as H.264: a clip whose stages last long enough
+    to be caught, yet cheap to decode."""
+    with av.open(str(target), "w") as output:
+        stream = output.add_stream("libx264", rate=25, options={"preset": "ultrafast"})
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 25)
+        with av.open(str(source)) as container:
+            source_stream = container.streams.video[0]
+            height = width * source_stream.height // source_stream.width // 2 * 2
+        stream.width, stream.height = width, height
+        index = 0
+        for _ in range(repeats):
+            with av.open(str(source)) as container:
+                for frame in container.decode(video=0):
+                    frame = frame.reformat(width=width, height=height, format="yuv420p")
+                    frame.pts, frame.time_base, index = index, Fraction(1, 25), index + 1
+                    output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+    return target
+
+
 def fresh_copy(source: Path, directory: Path) -> Path:
     """`source` with random bytes appended: content no earlier case indexed (decoders ignore the tail)."""
     target = directory / f"{secrets.token_hex(4)}-{source.name}"
@@ -68,11 +93,11 @@ def run_worker_case(stack: Stack, clip: Path, scratch: Path, target: str, phase:
     video = _upload(client, fresh_copy(clip, scratch))
     job_id = video["links"]["index_job"].rsplit("/", 1)[1]
     if phase == "answering":
-        _wait(lambda: client.get(f"/videos/{video['id']}").json()["status"] in ("ready", "failed"), 120)
+        _wait(lambda: _video_status(stack, video["id"]) in ("ready", "failed"), 120)
         job_id = _ask(client, video["id"], max_new_tokens=256)
         _wait(lambda: _has_token(stack, job_id), 120)
-    else:
-        _wait(lambda: client.get(f"/videos/{video['id']}").json()["status"] == phase, 120)
+    else:  # read from Redis every few ms: a stage of the tiny model can last well under a second
+        _wait(lambda: _video_status(stack, video["id"]) == phase, 120)
     outcome.accepted = 1
     available = _kill_worker(stack, target)
     _settle(stack, client, [job_id], available, outcome)
@@ -138,6 +163,11 @@ def _ask(client: httpx.Client, video_id: str, max_new_tokens: int) -> str:
                                          "max_new_tokens": max_new_tokens})  # fmt: skip
     assert response.status_code == 202, response.text
     return response.json()["id"]
+
+
+def _video_status(stack: Stack, video_id: str) -> str | None:
+    status = stack.redis.hget(Keys().video(video_id), "status")
+    return None if status is None else json.loads(status)
 
 
 def _has_token(stack: Stack, job_id: str) -> bool:
@@ -225,5 +255,5 @@ def _wait(condition, timeout: float) -> None:
                 return
         except httpx.TransportError:
             pass
-        time.sleep(0.05)
+        time.sleep(0.005)
     raise TimeoutError("the case never reached the state it waits for")

