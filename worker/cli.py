@@ -231,6 +231,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_needle(args: argparse.Namespace) -> int:
+    from worker.needle.videos import colour_question, random_spec, write_video
+
+    spec = random_spec(args.seed, args.seconds, "eval", depth=args.depth, distractors=0)
+    write_video(spec, args.out)
+    needle, qa = spec.target, colour_question(spec)
+    _say(f"{args.out}: a {needle.colour} {needle.shape} from {needle.start:.1f}s to "
+         f"{needle.start + needle.duration:.1f}s of {spec.seconds:g}s")  # fmt: skip
+    print(f"{qa.question}\t{qa.answer}")
+    return 0
+
+
 def _cmd_train_needle(args: argparse.Namespace) -> int:
     from worker.needle.train import TrainConfig, evaluate, save_trained, train
 
@@ -316,6 +328,16 @@ def build_parser(engine_commands: bool = True) -> argparse.ArgumentParser:
         "--vision-blocks", type=int, help="vision blocks of a real shape (default: all of them)"
     )
     tiny.set_defaults(run=_cmd_make_tiny)
+
+    make_needle = commands.add_parser(
+        "make-needle",
+        help="write a needle video (held-out footage, one shape); prints its colour question and answer",
+    )
+    make_needle.add_argument("out", type=Path, help="the MP4 to write")
+    make_needle.add_argument("--seconds", type=float, default=32.0)
+    make_needle.add_argument("--seed", type=int, default=0)
+    make_needle.add_argument("--depth", type=float, help="where the needle sits, 0 (start) to 1 (end)")
+    make_needle.set_defaults(run=_cmd_make_needle)
 
     needle = commands.add_parser(
         "train-needle",

@@ -119,12 +119,13 @@ def stack(tmp_path_factory, redis_server, tiny_models):
 
 
 @contextlib.contextmanager
-def videoqa_serve(directory: Path, model: Path, **settings: str):
-    """`videoqa serve` (its own redis-server, one worker, the API) on a free port with the tiny preset ->
-    its base URL once ready; VIDEOQA_* settings from the keyword arguments. Stopped with Ctrl-C's signal."""
+def videoqa_serve(directory: Path, model: Path, preset: str | None = "tiny", **settings: str):
+    """`videoqa serve` (its own redis-server, one worker, the API) on a free port with `preset` (None: the
+    defaults and what the checkpoint carries) -> its base URL once ready; VIDEOQA_* settings from the
+    keyword arguments. Stopped with Ctrl-C's signal."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("VIDEOQA_")}
-    env.update(VIDEOQA_PRESET="tiny", VIDEOQA_DEVICE="cpu")
+    env.update(VIDEOQA_DEVICE="cpu", **({"VIDEOQA_PRESET": preset} if preset else {}))
     env.update({f"VIDEOQA_{name.upper()}": value for name, value in settings.items()})
     args = [sys.executable, "-m", "worker.cli", "serve", "--port", str(port), "--model", str(model),
             "--data-dir", str(directory / "data")]  # fmt: skip
