@@ -237,14 +237,24 @@ def check_artifacts(stack: Stack, client: httpx.Client) -> tuple[bool, str]:
     files = {p.relative_to(root).as_posix().removesuffix(".safetensors") for p in artifacts}
     wanted = set()
     for tenant in API_KEYS:
-        listed = stack.client(tenant).get("/videos", params={"limit": 100}).json()["items"]
-        wanted |= {stack.redis.hget(Keys().video(v["id"]), "artifact_key").strip('"')
-                   for v in listed if v["status"] == "ready"}  # fmt: skip
+        for video in _every_video(stack.client(tenant)):
+            if video["status"] == "ready":
+                wanted.add(stack.redis.hget(Keys().video(video["id"]), "artifact_key").strip('"'))
     if files != wanted:
-        return False, f"artifacts {sorted(files)} but ready videos use {sorted(wanted)}"
+        return False, (f"artifacts without a ready video: {sorted(files - wanted)}; "
+                       f"ready videos without an artifact: {sorted(wanted - files)}")  # fmt: skip
     for name in files:
         load_artifact(root / f"{name}.safetensors")  # raises on a damaged file
     return True, ""
+
+
+def _every_video(client: httpx.Client) -> list[dict]:
+    """Every page of the tenant's video list (a bench run leaves hundreds)."""
+    videos, offset = [], 0
+    while page := client.get("/videos", params={"limit": 100, "offset": offset}).json()["items"]:
+        videos += page
+        offset += len(page)
+    return videos
 
 
 def _wait(condition, timeout: float) -> None:
