@@ -311,7 +311,7 @@ def reading(results: dict[str, dict]) -> list[str]:
     for family, result in results.items():
         best = "; ".join(f"{s:.0%} {min(METHODS, key=lambda m: kl(result, m, s))}" for s in BUDGET_SHARES)
         ranks = ", ".join(f"{method} {rank:.1f}" for method, rank in mean_ranks(result))
-        ratios = ", ".join(f"{kl(result, DEFAULT, s) / kl(result, RANDOM, s):.0f}x" for s in BUDGET_SHARES)
+        ratios = ", ".join(f"{kl(result, DEFAULT, s) / kl(result, RANDOM, s):.2f}x" for s in BUDGET_SHARES)
         wins = [
             f"{s:.0%}"
             for s in BUDGET_SHARES
