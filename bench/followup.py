@@ -4,10 +4,20 @@ follow-up answered from the cached artifact on disk, for 1, 5 and 10 minutes of 
 The model is loaded once, in process. Each video gets a fresh cache directory: the first ask misses and
 compresses; the follow-up is a new request that finds the artifact on disk (hash the file, load the
 artifact, prefill the question, decode). Run: python bench/followup.py [--model PATH]
+
+Three more parts, each its own section of docs/benchmarks.md, on the 10-minute video (`--minutes`):
+
+    python bench/followup.py --part decode-step      # per-token decode vs transformers' own loop
+    python bench/followup.py --part indexings        # peak RSS over 20 consecutive indexings
+    python bench/followup.py --part question-guided  # question-guided asks: stored features vs recompute
+
+None sets MALLOC_MMAP_THRESHOLD_ or any other allocator setting: the worker no longer does.
 """
 
 import argparse
+import dataclasses
 import datetime
+import os
 import platform
 import resource
 import statistics
@@ -19,12 +29,15 @@ import torch
 from common import ROOT, looped_bunny, write_section
 
 from worker.engine.adaretake import PRESETS
-from worker.engine.engine import answer_from_artifact, get_or_compress
+from worker.engine.engine import answer_from_artifact, compress_for_question, get_or_compress
 from worker.engine.models import load_model
 from worker.engine.storage import DiskStore
 from worker.tiny import make_tiny
 
 SECTION = "## Follow-up answers from the cache (bench/followup.py)"
+DECODE_SECTION = "## Decode step against transformers' own loop (bench/followup.py --part decode-step)"
+INDEXINGS_SECTION = "## Memory over repeated indexings (bench/followup.py --part indexings)"
+GUIDED_SECTION = "## Question-guided asks from stored features (bench/followup.py --part question-guided)"
 MINUTES = (1, 5, 10)
 MAX_NEW_TOKENS = 16
 
@@ -57,16 +70,7 @@ def timed_ask(loaded, store, video: Path, config, question: str) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", help="checkpoint (default: the tiny Qwen2.5-VL built under build/bench)")
-    parser.add_argument(
-        "--followups", type=int, default=3, help="follow-ups per video; the median is reported"
-    )
-    args = parser.parse_args()
-    model = args.model or str(make_tiny(ROOT / "build" / "bench" / "tiny")["qwen2_5_vl"])
+def answers_part(args, model: str) -> None:
     loaded = load_model(model)
     config = PRESETS["paper-7b"]
     videos = {minutes: looped_bunny(minutes * 60) for minutes in MINUTES}
@@ -139,6 +143,207 @@ def main() -> None:
     )
     print(section)
     write_section(SECTION, section)
+
+
+# ---- decode step --------------------------------------------------------------------------------------
+
+
+def step_times(run) -> list[float]:
+    """Seconds between consecutive logits of one generation: one decoding step each."""
+    stamps = []
+    run(lambda _logits: stamps.append(time.perf_counter()))
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def stock_loop(model: str, lengths: list[int], tokens: int, on_step) -> None:
+    """transformers' own decoding loop: a fresh copy of the model with its stock SDPA attention and a
+    `DynamicCache` holding as many tokens in every layer as the artifact holds on average, one
+    `model(...)` call per token."""
+    from transformers import DynamicCache
+
+    stock = load_model(model)
+    text = stock.model.config.get_text_config()
+    heads, dim = text.num_key_value_heads, text.hidden_size // text.num_attention_heads
+    length = round(statistics.mean(lengths))
+    cache = DynamicCache()
+    generator = torch.Generator().manual_seed(0)
+    for layer in range(text.num_hidden_layers):
+        shape = (1, heads, length, dim)
+        cache.update(*(torch.randn(shape, generator=generator, dtype=stock.dtype) for _ in "kv"), layer)
+    token = torch.tensor([[stock.tokenizer.convert_tokens_to_ids("the")]])
+    with torch.inference_mode():
+        for step in range(tokens + 1):
+            position = torch.full((3, 1, 1), length + step)
+            out = stock.model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True)
+            on_step(out.logits[0, -1])
+            token = out.logits[:, -1:].argmax(-1)
+
+
+def decode_step_part(args, model: str) -> None:
+    loaded = load_model(model)
+    endless = dataclasses.replace(loaded, eos_token_ids=())  # every run generates exactly `tokens`
+    config = PRESETS["paper-7b"]
+    video = looped_bunny(args.minutes * 60)
+    with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as scratch:
+        artifact = get_or_compress(loaded, DiskStore(Path(scratch)), video, config).artifact
+    tokens = args.tokens
+    ours, stock = [], []
+    for _ in range(args.runs):  # interleaved, so that drift on the machine hits both alike
+        ours += step_times(lambda on_step: answer_from_artifact(
+            endless, artifact, "What happens?", max_new_tokens=tokens, on_step=on_step))  # fmt: skip
+        stock += step_times(lambda on_step: stock_loop(model, artifact.lengths, tokens, on_step))
+    mine, theirs = statistics.median(ours) * 1e3, statistics.median(stock) * 1e3
+    cached = statistics.mean(artifact.lengths)
+    section = "\n".join([
+        DECODE_SECTION,
+        "",
+        f"Run on {datetime.date.today().isoformat()} with `python bench/followup.py --part decode-step` on "
+        f"{platform.machine()} ({torch.get_num_threads()} torch threads), model `{Path(model).name}` "
+        f"({loaded.family}), no allocator setting (MALLOC_MMAP_THRESHOLD_ "
+        f"{'set' if 'MALLOC_MMAP_THRESHOLD_' in os.environ else 'unset'}).",
+        "",
+        f"- Cache: the {args.minutes}-minute video's artifact (paper-7b preset), {cached:.0f} tokens per "
+        f"layer on average ({min(artifact.lengths)}-{max(artifact.lengths)}).",
+        "- Ours: `answer_from_artifact` as the worker runs it: the question prefilled after the artifact, "
+        "then greedy decoding into preallocated per-request buffers, evidence timeline on.",
+        "- transformers: a fresh copy of the same checkpoint with stock SDPA attention, a `DynamicCache` of "
+        f"{round(cached)} tokens in every layer, one `model(input_ids=..., past_key_values=...)` call per "
+        "token.",
+        f"- {tokens} tokens per generation, {args.runs} generations each, interleaved; median of "
+        f"{len(ours)} and {len(stock)} steps.",
+        "",
+        "| loop | median ms / token | p90 ms / token |",
+        "| --- | ---: | ---: |",
+        f"| ours (evidence on) | {mine:.2f} | {statistics.quantiles(ours, n=10)[-1] * 1e3:.2f} |",
+        f"| transformers `model(...)` + DynamicCache | {theirs:.2f} | "
+        f"{statistics.quantiles(stock, n=10)[-1] * 1e3:.2f} |",
+        "",
+        f"Ratio ours / transformers: {mine / theirs:.2f}x (target: at most 1.15x).",
+        "",
+    ])  # fmt: skip
+    print(section)
+    if not args.no_write:
+        write_section(DECODE_SECTION, section)
+
+
+# ---- memory over repeated indexings ------------------------------------------------------------------------
+
+
+def indexings_part(args, model: str) -> None:
+    loaded = load_model(model)
+    config = PRESETS["paper-7b"]
+    video = looped_bunny(args.minutes * 60)
+    peaks, walls = [], []
+    with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as scratch:
+        for index in range(args.indexings):
+            store = DiskStore(Path(scratch) / str(index))  # a miss every time: the whole index step
+            started = time.perf_counter()
+            result = get_or_compress(loaded, store, video, config)
+            walls.append(time.perf_counter() - started)
+            assert not result.hit
+            peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            print(f"indexing {index + 1}: {walls[-1]:.1f} s, peak RSS {peaks[-1]:.0f} MiB", flush=True)
+            del result, store
+    growth = peaks[-1] / peaks[0] - 1
+    rows = [f"| {i + 1} | {w:.1f} | {p:.0f} |" for i, (w, p) in enumerate(zip(walls, peaks, strict=True))]
+    section = "\n".join([
+        INDEXINGS_SECTION,
+        "",
+        f"Run on {datetime.date.today().isoformat()} with `python bench/followup.py --part indexings "
+        f"--indexings {args.indexings}` on {platform.machine()} ({torch.get_num_threads()} torch threads), "
+        f"model `{Path(model).name}`, MALLOC_MMAP_THRESHOLD_ "
+        f"{'set' if 'MALLOC_MMAP_THRESHOLD_' in os.environ else 'unset'}: the {args.minutes}-minute video "
+        f"indexed {args.indexings} times in one process, each into a fresh store (a miss: decode, vision, "
+        "compressed prefill, artifact and vision features written), as a worker does job after job.",
+        "",
+        "| indexing | wall s | process peak RSS MiB (ru_maxrss) |",
+        "| ---: | ---: | ---: |",
+        *rows,
+        "",
+        f"Peak RSS after the last indexing is {growth:+.1%} of the peak after the first (target: at most "
+        "+5%).",
+        "",
+    ])  # fmt: skip
+    print(section)
+    if not args.no_write:
+        write_section(INDEXINGS_SECTION, section)
+
+
+# ---- question-guided asks -------------------------------------------------------------------------------
+
+
+def question_guided_part(args, model: str) -> None:
+    loaded = load_model(model)
+    config = PRESETS["paper-7b"]
+    video = looped_bunny(args.minutes * 60)
+    question = "What happens in this video?"
+    figures = {"cached": [], "guided, stored features": [], "guided, full recompute": []}
+    with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as scratch:
+        indexed, bare = DiskStore(Path(scratch) / "indexed"), DiskStore(Path(scratch) / "bare")
+        index = get_or_compress(loaded, indexed, video, config)
+        feature_bytes = indexed.features_nbytes(index.key)
+        for run in range(args.runs):
+            asked = f"{question} ({run})"
+            started = time.perf_counter()
+            artifact = get_or_compress(loaded, indexed, video, config).artifact
+            answer_from_artifact(loaded, artifact, asked, max_new_tokens=MAX_NEW_TOKENS)
+            figures["cached"].append(time.perf_counter() - started)
+            for name, store in (("guided, stored features", indexed), ("guided, full recompute", bare)):
+                started = time.perf_counter()
+                artifact, reused = compress_for_question(loaded, store, video, asked, config)
+                answer_from_artifact(loaded, artifact, asked, max_new_tokens=MAX_NEW_TOKENS)
+                figures[name].append(time.perf_counter() - started)
+                assert reused == (store is indexed)
+    median = {name: statistics.median(values) for name, values in figures.items()}
+    recompute = median["guided, full recompute"]
+    rows = [f"| {name} | {value:.2f} | {recompute / value:.1f}x |" for name, value in median.items()]
+    section = "\n".join([
+        GUIDED_SECTION,
+        "",
+        f"Run on {datetime.date.today().isoformat()} with `python bench/followup.py --part question-guided` "
+        f"on {platform.machine()} ({torch.get_num_threads()} torch threads), model `{Path(model).name}`: "
+        f"the {args.minutes}-minute video indexed once (paper-7b preset), then per question, median of "
+        f"{args.runs}: a `cached` ask (load the artifact, answer), a `question_guided` ask from the vision "
+        "features the index step stored, and one from a store without them (decode and vision again: "
+        f"what every guided ask cost before). {MAX_NEW_TOKENS} new tokens at most.",
+        "",
+        "| ask | median s | faster than full recompute |",
+        "| --- | ---: | ---: |",
+        *rows,
+        "",
+        f"Stored vision features: {feature_bytes / 1e6:.1f} MB for this video (bf16).",
+        "",
+    ])  # fmt: skip
+    print(section)
+    if not args.no_write:
+        write_section(GUIDED_SECTION, section)
+
+
+PARTS = {
+    "answers": answers_part,
+    "decode-step": decode_step_part,
+    "indexings": indexings_part,
+    "question-guided": question_guided_part,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--part", choices=PARTS, default="answers")
+    parser.add_argument("--model", help="checkpoint (default: the tiny Qwen2.5-VL built under build/bench)")
+    parser.add_argument(
+        "--followups", type=int, default=3, help="follow-ups per video; the median is reported"
+    )
+    parser.add_argument("--tokens", type=int, default=128, help="decode-step: tokens per generation")
+    parser.add_argument("--runs", type=int, default=5, help="decode-step, question-guided: repetitions")
+    parser.add_argument("--indexings", type=int, default=20, help="indexings: how many")
+    parser.add_argument("--minutes", type=int, default=10, help="the parts' video length")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
+    args = parser.parse_args()
+    model = args.model or str(make_tiny(ROOT / "build" / "bench" / "tiny")["qwen2_5_vl"])
+    PARTS[args.part](args, model)
 
 
 if __name__ == "__main__":
