@@ -145,6 +145,17 @@ def answers_part(args, model: str) -> None:
     write_section(SECTION, section)
 
 
+def publish(args, title: str, section: str) -> None:
+    print(section)
+    if not args.no_write:
+        write_section(title, section)
+
+
+def part_setup(args, model: str):
+    """The parts' common start: the model, the paper-7b settings and the looped video."""
+    return load_model(model), PRESETS["paper-7b"], looped_bunny(args.minutes * 60)
+
+
 # ---- decode step --------------------------------------------------------------------------------------
 
 
@@ -180,10 +191,8 @@ def stock_loop(model: str, lengths: list[int], tokens: int, on_step) -> None:
 
 
 def decode_step_part(args, model: str) -> None:
-    loaded = load_model(model)
+    loaded, config, video = part_setup(args, model)
     endless = dataclasses.replace(loaded, eos_token_ids=())  # every run generates exactly `tokens`
-    config = PRESETS["paper-7b"]
-    video = looped_bunny(args.minutes * 60)
     with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as scratch:
         artifact = get_or_compress(loaded, DiskStore(Path(scratch)), video, config).artifact
     tokens = args.tokens
@@ -221,18 +230,14 @@ def decode_step_part(args, model: str) -> None:
         f"Ratio ours / transformers: {mine / theirs:.2f}x (target: at most 1.15x).",
         "",
     ])  # fmt: skip
-    print(section)
-    if not args.no_write:
-        write_section(DECODE_SECTION, section)
+    publish(args, DECODE_SECTION, section)
 
 
 # ---- memory over repeated indexings ------------------------------------------------------------------------
 
 
 def indexings_part(args, model: str) -> None:
-    loaded = load_model(model)
-    config = PRESETS["paper-7b"]
-    video = looped_bunny(args.minutes * 60)
+    loaded, config, video = part_setup(args, model)
     peaks, walls = [], []
     with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as scratch:
         for index in range(args.indexings):
@@ -264,18 +269,14 @@ def indexings_part(args, model: str) -> None:
         "+5%).",
         "",
     ])  # fmt: skip
-    print(section)
-    if not args.no_write:
-        write_section(INDEXINGS_SECTION, section)
+    publish(args, INDEXINGS_SECTION, section)
 
 
 # ---- question-guided asks -------------------------------------------------------------------------------
 
 
 def question_guided_part(args, model: str) -> None:
-    loaded = load_model(model)
-    config = PRESETS["paper-7b"]
-    video = looped_bunny(args.minutes * 60)
+    loaded, config, video = part_setup(args, model)
     question = "What happens in this video?"
     figures = {"cached": [], "guided, stored features": [], "guided, full recompute": []}
     with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as scratch:
@@ -314,9 +315,7 @@ def question_guided_part(args, model: str) -> None:
         f"Stored vision features: {feature_bytes / 1e6:.1f} MB for this video (bf16).",
         "",
     ])  # fmt: skip
-    print(section)
-    if not args.no_write:
-        write_section(GUIDED_SECTION, section)
+    publish(args, GUIDED_SECTION, section)
 
 
 PARTS = {
