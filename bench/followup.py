@@ -166,13 +166,12 @@ def step_times(run) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
-def stock_loop(model: str, lengths: list[int], tokens: int, on_step) -> None:
-    """transformers' own decoding loop: a fresh copy of the model with its stock SDPA attention and a
-    `DynamicCache` holding as many tokens in every layer as the artifact holds on average, one
-    `model(...)` call per token."""
+def stock_loop(stock, lengths: list[int], tokens: int, on_step) -> None:
+    """transformers' own decoding loop: `stock`, a separate copy of the model with its stock SDPA
+    attention, and a `DynamicCache` holding as many tokens in every layer as the artifact holds on
+    average, one `model(...)` call per token."""
     from transformers import DynamicCache
 
-    stock = load_model(model)
     text = stock.model.config.get_text_config()
     heads, dim = text.num_key_value_heads, text.hidden_size // text.num_attention_heads
     length = round(statistics.mean(lengths))
@@ -195,12 +194,13 @@ def decode_step_part(args, model: str) -> None:
     endless = dataclasses.replace(loaded, eos_token_ids=())  # every run generates exactly `tokens`
     with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as scratch:
         artifact = get_or_compress(loaded, DiskStore(Path(scratch)), video, config).artifact
+    stock_model = load_model(model)  # never routed through the engine's attention
     tokens = args.tokens
     ours, stock = [], []
     for _ in range(args.runs):  # interleaved, so that drift on the machine hits both alike
         ours += step_times(lambda on_step: answer_from_artifact(
             endless, artifact, "What happens?", max_new_tokens=tokens, on_step=on_step))  # fmt: skip
-        stock += step_times(lambda on_step: stock_loop(model, artifact.lengths, tokens, on_step))
+        stock += step_times(lambda on_step: stock_loop(stock_model, artifact.lengths, tokens, on_step))
     mine, theirs = statistics.median(ours) * 1e3, statistics.median(stock) * 1e3
     cached = statistics.mean(artifact.lengths)
     section = "\n".join([

@@ -213,7 +213,7 @@ def token_targets(spec: VideoSpec, frames: int, vision: VisionSpec, fps: float) 
             if total := pixels.sum():
                 pooled = F.avg_pool2d(pixels[None, None], side, divisor_override=1)[0, 0]
                 cover[index // tp, event] += pooled / total / tp
-    strongest, which = cover.max(dim=1) if spec.events else (cover.sum(dim=1), None)
+    strongest, which = cover.max(dim=1)  # [groups, rows, columns]: every video has a shape
     colours = torch.tensor([TOKEN_CLASSES.index(e.colour) for e in spec.events], dtype=torch.long)
     labels = torch.full(strongest.shape, IGNORED, dtype=torch.long)
     labels[cover.sum(dim=1) == 0] = 0
