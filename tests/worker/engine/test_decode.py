@@ -298,6 +298,17 @@ def test_every_strategy_keeps_samples_within_half_an_interval(tmp_path, strategy
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_decoder_thread_gives_the_frames_ffmpegs_thread_count_gives(tmp_path, strategy):
+    """The CPU worker decodes on one thread (`decoder_threads`): threads may change speed, never pixels."""
+    path = tmp_path / "gop.mp4"
+    make_video(path, fps=10, seconds=6, gop=5, bframes=3)
+    sampling = SamplingConfig(fps=2)
+    one, auto = (list(sample_frames(path, sampling, threads=n, strategy=strategy)) for n in (1, 0))
+    assert [f.timestamp for f in one] == [f.timestamp for f in auto]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(one, auto, strict=True))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_follows_variable_frame_rate(tmp_path, strategy):
     path = tmp_path / "vfr.mkv"
     make_video(path, timestamps=VFR_TIMESTAMPS, gop=4)
