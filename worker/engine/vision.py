@@ -148,9 +148,8 @@ def encode_video(
     frames = decoded if on_frame is None else _tapped(decoded, on_frame)
     pieces, timestamps = [], []
     # Closed on any exit, so the decoding thread stops with it (an early exit leaves it suspended).
-    with contextlib.closing(
-        encode_slices(loaded, frames, slice_grids=VISION_SLICE_GRIDS, timer=timer)
-    ) as slices:
+    slices = encode_slices(loaded, frames, slice_grids=VISION_SLICE_GRIDS, timer=timer)
+    with contextlib.closing(decoded), contextlib.closing(slices):
         for piece in slices:
             pieces.append(piece.embeds.cpu())
             timestamps.extend(piece.timestamps)
