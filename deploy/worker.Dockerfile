@@ -28,6 +28,11 @@ RUN groupadd --system --gid 10001 videoqa \
     && mkdir -p /data /models \
     && chown videoqa:videoqa /data /models
 
+# jemalloc, preloaded below: with glibc's malloc the worker's heap creeps job after job (worker/allocator.py).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/*
+
 # torch and its CUDA wheels (several GB) in their own layer, so that a source change does not download
 # them again. Must equal the pin in pyproject.toml's worker extra (tests/deploy checks).
 RUN pip install torch==2.13.0
@@ -39,9 +44,7 @@ COPY worker ./worker
 RUN pip install '.[worker,service]' \
     && rm -rf /src
 
-# A fixed mmap threshold: with glibc's dynamic one, the chunk loop's large CPU tensors of varying size
-# fragment the heap and the peak RSS creeps up with the video's length (bench/followup.py).
-ENV MALLOC_MMAP_THRESHOLD_=131072 \
+ENV LD_PRELOAD=libjemalloc.so.2 \
     VIDEOQA_DATA_DIR=/data \
     VIDEOQA_MODEL=/models/Qwen2.5-VL-7B-Instruct \
     VIDEOQA_DEVICE=cuda \

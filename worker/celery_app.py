@@ -26,6 +26,7 @@ import threading
 from celery import Celery, signals
 
 from service.contract import ANSWER_TASK, GPU_QUEUE, INDEX_TASK, Settings
+from worker.allocator import allocator_in_use
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def _warm_up_then_beat(name: str) -> None:
             os.kill(_worker_pid, signal.SIGTERM)
         logging.shutdown()
         os._exit(1)
-    logger.info("worker %s ready: model loaded, heartbeating every %.0f s", name, runtime.HEARTBEAT_SECONDS)
+    logger.info("worker %s ready: model loaded, %s, heartbeating every %.0f s", name, allocator_in_use(),
+                runtime.HEARTBEAT_SECONDS)  # fmt: skip
     _heartbeat = runtime.Heartbeat(current.records, name).start()
 
 

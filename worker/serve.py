@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from service.contract import GPU_QUEUE
+from worker.allocator import PRELOAD, with_jemalloc
 
 STOP_TIMEOUT_S = 30.0  # a worker finishes its current task within this, else it is killed (and redelivered)
 INSTALL_REDIS = (
@@ -145,9 +146,10 @@ def serve(host: str, port: int, model: str | None, data_dir: Path | None) -> int
         api = _spawn(
             [sys.executable, "-m", "uvicorn", "service.main:app", "--host", host, "--port", str(port)], env
         )
-        # A fixed glibc mmap threshold keeps the worker's heap from fragmenting as chunks of varying size
-        # come and go (its peak RSS otherwise creeps up with the video's length: bench/followup.py).
-        worker_env = {"MALLOC_MMAP_THRESHOLD_": "131072", **env}
+        worker_env = with_jemalloc(env)  # else glibc's heap creeps job after job (worker/allocator.py)
+        if PRELOAD not in worker_env:
+            _say("worker: libjemalloc not found; running on glibc malloc, whose heap creeps job after job "
+                 "(install libjemalloc2)")  # fmt: skip
         # prefork with one child: the time limits are enforced (see worker/celery_app.py)
         worker = _spawn(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", GPU_QUEUE,

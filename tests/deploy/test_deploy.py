@@ -337,6 +337,11 @@ def test_worker_image_matches_pyproject_and_contract():
     assert command[command.index("--pool") + 1] == celery_config(Settings())["worker_pool"]
     env = image_env(instructions)
     assert env["HF_HUB_OFFLINE"] == "1" and env["VIDEOQA_MODEL"].startswith("/models/")
+    # The allocator the worker is measured on (worker/allocator.py), installed from the base's packages.
+    runs = " ".join(arguments for name, arguments in instructions if name == "RUN")
+    assert re.search(r"apt-get install [^&]*\blibjemalloc2\b", runs)
+    assert env["LD_PRELOAD"] == "libjemalloc.so.2"
+    assert "MALLOC_MMAP_THRESHOLD_" not in env
 
 
 def test_dockerignore_keeps_the_build_context_to_the_sources():
