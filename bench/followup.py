@@ -10,24 +10,31 @@ Three more parts, each its own section of docs/benchmarks.md, on the 10-minute v
     python bench/followup.py --part decode-step      # per-token decode vs transformers' own loop
     python bench/followup.py --part indexings        # peak RSS over 20 consecutive indexings
     python bench/followup.py --part question-guided  # question-guided asks: stored features vs recompute
+    python bench/followup.py --part overlap          # index wall vs the sum of its stages
 
-None sets MALLOC_MMAP_THRESHOLD_ or any other allocator setting: the worker no longer does.
+The sections name the allocator the process ran on: run them as the worker runs, e.g.
+`LD_PRELOAD=libjemalloc.so.2 python bench/followup.py --part indexings` (worker/allocator.py).
 """
 
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from common import ROOT, looped_bunny, write_section
 
+from worker.allocator import PRELOAD, allocator_in_use, with_jemalloc
 from worker.engine.adaretake import PRESETS
 from worker.engine.engine import answer_from_artifact, compress_for_question, get_or_compress
 from worker.engine.models import load_model
@@ -38,6 +45,9 @@ SECTION = "## Follow-up answers from the cache (bench/followup.py)"
 DECODE_SECTION = "## Decode step against transformers' own loop (bench/followup.py --part decode-step)"
 INDEXINGS_SECTION = "## Memory over repeated indexings (bench/followup.py --part indexings)"
 GUIDED_SECTION = "## Question-guided asks from stored features (bench/followup.py --part question-guided)"
+OVERLAP_SECTION = "## Index wall against the sum of its stages (bench/followup.py --part overlap)"
+# Stages that do work, as `get_or_compress` times them; "wait" (the tower idle, waiting for frames) is none.
+WORK_STAGES = ("hash", "decode", "preprocess", "vision", "prefill", "compress", "store")
 MINUTES = (1, 5, 10)
 MAX_NEW_TOKENS = 16
 
@@ -151,6 +161,11 @@ def publish(args, title: str, section: str) -> None:
         write_section(title, section)
 
 
+def allocator() -> str:
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    return f"allocator {allocator_in_use()}" + (f", MALLOC_MMAP_THRESHOLD_={threshold}" if threshold else "")
+
+
 def part_setup(args, model: str):
     """The parts' common start: the model, the paper-7b settings and the looped video."""
     return load_model(model), PRESETS["paper-7b"], looped_bunny(args.minutes * 60)
@@ -189,7 +204,8 @@ def stock_loop(stock, lengths: list[int], tokens: int, on_step) -> None:
             token = out.logits[:, -1:].argmax(-1)
 
 
-def decode_step_part(args, model: str) -> None:
+def decode_step_figures(args, model: str) -> dict:
+    """Step times of ours and of transformers' loop, in this process (on the allocator it started with)."""
     loaded, config, video = part_setup(args, model)
     endless = dataclasses.replace(loaded, eos_token_ids=())  # every run generates exactly `tokens`
     with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as scratch:
@@ -201,33 +217,59 @@ def decode_step_part(args, model: str) -> None:
         ours += step_times(lambda on_step: answer_from_artifact(
             endless, artifact, "What happens?", max_new_tokens=tokens, on_step=on_step))  # fmt: skip
         stock += step_times(lambda on_step: stock_loop(stock_model, artifact.lengths, tokens, on_step))
-    mine, theirs = statistics.median(ours) * 1e3, statistics.median(stock) * 1e3
-    cached = statistics.mean(artifact.lengths)
+    return dict(allocator=allocator(), ours=ours, stock=stock, lengths=artifact.lengths, family=loaded.family)
+
+
+def decode_step_part(args, model: str) -> None:
+    if args.child:
+        print(json.dumps(decode_step_figures(args, model)))
+        return
+    # An allocator is chosen when a process starts: one child on each, jemalloc (as the worker runs) first.
+    unset = (PRELOAD, "MALLOC_MMAP_THRESHOLD_")
+    plain = {name: value for name, value in os.environ.items() if name not in unset}
+    options = {"--model": model, "--tokens": args.tokens, "--runs": args.runs, "--minutes": args.minutes}
+    command = [sys.executable, __file__, "--part", "decode-step", "--child"]
+    command += [str(part) for option in options.items() for part in option]
+    runs = []
+    for env in (with_jemalloc(plain), plain):
+        done = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True)
+        runs.append(json.loads(done.stdout.splitlines()[-1]))
+
+    def ms(steps: list[float]) -> tuple[float, float]:
+        return statistics.median(steps) * 1e3, statistics.quantiles(steps, n=10)[-1] * 1e3
+
+    rows = []
+    for run in runs:
+        (mine, mine_p90), (theirs, theirs_p90) = ms(run["ours"]), ms(run["stock"])
+        rows.append(f"| {run['allocator']} | {mine:.2f} | {mine_p90:.2f} | {theirs:.2f} | {theirs_p90:.2f} | "
+                    f"{mine / theirs:.2f}x |")  # fmt: skip
+    worker, glibc = (ms(run["ours"])[0] for run in runs)
+    lengths = runs[0]["lengths"]
+    cached = statistics.mean(lengths)
     section = "\n".join([
         DECODE_SECTION,
         "",
         f"Run on {datetime.date.today().isoformat()} with `python bench/followup.py --part decode-step` on "
         f"{platform.machine()} ({torch.get_num_threads()} torch threads), model `{Path(model).name}` "
-        f"({loaded.family}), no allocator setting (MALLOC_MMAP_THRESHOLD_ "
-        f"{'set' if 'MALLOC_MMAP_THRESHOLD_' in os.environ else 'unset'}).",
+        f"({runs[0]['family']}): each allocator in a child process of its own.",
         "",
         f"- Cache: the {args.minutes}-minute video's artifact (paper-7b preset), {cached:.0f} tokens per "
-        f"layer on average ({min(artifact.lengths)}-{max(artifact.lengths)}).",
+        f"layer on average ({min(lengths)}-{max(lengths)}).",
         "- Ours: `answer_from_artifact` as the worker runs it: the question prefilled after the artifact, "
         "then greedy decoding into preallocated per-request buffers, evidence timeline on.",
         "- transformers: a fresh copy of the same checkpoint with stock SDPA attention, a `DynamicCache` of "
         f"{round(cached)} tokens in every layer, one `model(input_ids=..., past_key_values=...)` call per "
         "token.",
-        f"- {tokens} tokens per generation, {args.runs} generations each, interleaved; median of "
-        f"{len(ours)} and {len(stock)} steps.",
+        f"- {args.tokens} tokens per generation, {args.runs} generations each, interleaved; medians of "
+        f"{len(runs[0]['ours'])} steps per loop.",
         "",
-        "| loop | median ms / token | p90 ms / token |",
-        "| --- | ---: | ---: |",
-        f"| ours (evidence on) | {mine:.2f} | {statistics.quantiles(ours, n=10)[-1] * 1e3:.2f} |",
-        f"| transformers `model(...)` + DynamicCache | {theirs:.2f} | "
-        f"{statistics.quantiles(stock, n=10)[-1] * 1e3:.2f} |",
+        "| process | ours median ms / token | ours p90 | transformers median ms / token | transformers p90 | "
+        "ours / transformers |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *rows,
         "",
-        f"Ratio ours / transformers: {mine / theirs:.2f}x (target: at most 1.15x).",
+        f"The worker's allocator first (target: ours at most 1.15x transformers'). Ours on jemalloc vs on "
+        f"glibc malloc: {worker / glibc:.2f}x.",
         "",
     ])  # fmt: skip
     publish(args, DECODE_SECTION, section)
@@ -236,37 +278,52 @@ def decode_step_part(args, model: str) -> None:
 # ---- memory over repeated indexings ------------------------------------------------------------------------
 
 
+def memory_mib(field: str) -> float:
+    """This process's VmRSS (now) or VmHWM (peak since the last `reset_peak`), in MiB."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status[field].split()[0]) / 1024
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
+
+
 def indexings_part(args, model: str) -> None:
     loaded, config, video = part_setup(args, model)
-    peaks, walls = [], []
+    rows = []
     with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as scratch:
         for index in range(args.indexings):
             store = DiskStore(Path(scratch) / str(index))  # a miss every time: the whole index step
+            reset_peak()
             started = time.perf_counter()
             result = get_or_compress(loaded, store, video, config)
-            walls.append(time.perf_counter() - started)
+            wall = time.perf_counter() - started
             assert not result.hit
-            peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-            print(f"indexing {index + 1}: {walls[-1]:.1f} s, peak RSS {peaks[-1]:.0f} MiB", flush=True)
             del result, store
-    growth = peaks[-1] / peaks[0] - 1
-    rows = [f"| {i + 1} | {w:.1f} | {p:.0f} |" for i, (w, p) in enumerate(zip(walls, peaks, strict=True))]
+            since_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            rows.append((wall, since_start, memory_mib("VmHWM"), memory_mib("VmRSS")))
+            print(f"indexing {index + 1}: {wall:.1f} s, peak RSS {since_start:.0f} MiB, this indexing's "
+                  f"{rows[-1][2]:.0f}, after it {rows[-1][3]:.0f}", flush=True)  # fmt: skip
+    first, last = rows[0][1], rows[-1][1]
+    later = [row[2] for row in rows[len(rows) // 2 :]]
+    table = [f"| {i + 1} | {w:.1f} | {p:.0f} | {j:.0f} | {n:.0f} |" for i, (w, p, j, n) in enumerate(rows)]
     section = "\n".join([
         INDEXINGS_SECTION,
         "",
-        f"Run on {datetime.date.today().isoformat()} with `python bench/followup.py --part indexings "
-        f"--indexings {args.indexings}` on {platform.machine()} ({torch.get_num_threads()} torch threads), "
-        f"model `{Path(model).name}`, MALLOC_MMAP_THRESHOLD_ "
-        f"{'set' if 'MALLOC_MMAP_THRESHOLD_' in os.environ else 'unset'}: the {args.minutes}-minute video "
+        f"Run on {datetime.date.today().isoformat()} with `{' '.join(['python', *sys.argv])}` on "
+        f"{platform.machine()} ({torch.get_num_threads()} torch threads), model `{Path(model).name}`, "
+        f"{allocator()}: the {args.minutes}-minute video "
         f"indexed {args.indexings} times in one process, each into a fresh store (a miss: decode, vision, "
         "compressed prefill, artifact and vision features written), as a worker does job after job.",
         "",
-        "| indexing | wall s | process peak RSS MiB (ru_maxrss) |",
-        "| ---: | ---: | ---: |",
-        *rows,
+        "| indexing | wall s | process peak RSS MiB (ru_maxrss) | this indexing's peak MiB (VmHWM) | "
+        "RSS after it MiB |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        *table,
         "",
-        f"Peak RSS after the last indexing is {growth:+.1%} of the peak after the first (target: at most "
-        "+5%).",
+        f"Peak RSS after the last indexing is {last / first - 1:+.1%} of the peak after the first (target: "
+        f"at most +5%). Per-indexing peaks: first {rows[0][2]:.0f} MiB, median of the second half "
+        f"{statistics.median(later):.0f} MiB.",
         "",
     ])  # fmt: skip
     publish(args, INDEXINGS_SECTION, section)
@@ -318,11 +375,71 @@ def question_guided_part(args, model: str) -> None:
     publish(args, GUIDED_SECTION, section)
 
 
+# ---- index wall against its stages -------------------------------------------------------------------------
+
+
+def overlap_part(args, model: str) -> None:
+    loaded, config, video = part_setup(args, model)
+    # The decoder's thread count as the CPU worker sets it (1) and as FFmpeg picks it (0: one per core).
+    runs = {1: [], 0: []}
+    with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as scratch:
+        for run in range(args.runs):
+            for threads, results in runs.items():  # interleaved, so drift hits both alike
+                store = DiskStore(Path(scratch) / f"{threads}-{run}")  # a miss every time
+                with mock.patch("worker.engine.vision.decoder_threads", return_value=threads):
+                    started = time.perf_counter()
+                    result = get_or_compress(loaded, store, video, config)
+                    wall = time.perf_counter() - started
+                results.append({"wall": wall, **{s: result.seconds.get(s, 0.0) for s in WORK_STAGES},
+                                "wait": result.seconds.get("wait", 0.0)})  # fmt: skip
+                print(f"decoder threads {threads}, run {run + 1}: {results[-1]}", flush=True)
+
+    def median(threads: int, name: str) -> float:
+        return statistics.median(r[name] for r in runs[threads])
+
+    def summed(threads: int) -> float:
+        return statistics.median(sum(r[s] for s in WORK_STAGES) for r in runs[threads])
+
+    header = " | ".join(["decoder threads", "index wall s", *WORK_STAGES, "sum of stages s", "hidden s",
+                         "tower waiting for frames s"])  # fmt: skip
+
+    def cells(threads: int) -> list[str]:
+        wall, work, idle = median(threads, "wall"), summed(threads), median(threads, "wait")
+        stages = [f"{median(threads, stage):.1f}" for stage in WORK_STAGES]
+        name = f"{threads} ({'the CPU worker' if threads else 'FFmpeg picks'})"
+        return [name, f"{wall:.1f}", *stages, f"{work:.1f}", f"{work - wall:.1f}", f"{idle:.1f}"]
+
+    rows = ["| " + " | ".join(cells(threads)) + " |" for threads in runs]
+    section = "\n".join([
+        OVERLAP_SECTION,
+        "",
+        f"Run on {datetime.date.today().isoformat()} with `python bench/followup.py --part overlap --runs "
+        f"{args.runs}` on {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch "
+        f"threads), model `{Path(model).name}`: the {args.minutes}-minute video indexed {args.runs} times "
+        "with each decoder setting (interleaved, a fresh store each: decode, vision, compressed prefill, "
+        "artifact written), medians. Decoding and patchifying run in a thread ahead of the vision tower "
+        "(`Prefetcher`); the prefill starts after the last slice (the paper's allocation needs every "
+        "chunk's frame distance first), so only decode + preprocess and vision can overlap.",
+        "",
+        f"| {header} |",
+        "|" + "---|" * (len(WORK_STAGES) + 6),
+        *rows,
+        "",
+        "- hidden: the sum of the stages minus the wall: work that ran at the same time as other work.",
+        "- tower waiting: seconds the vision tower sat idle waiting for decoded frames.",
+        f"- 1 decoder thread vs FFmpeg's choice: index wall {median(1, 'wall') / median(0, 'wall'):.2f}x, "
+        f"decode stage {median(1, 'decode') / median(0, 'decode'):.2f}x.",
+        "",
+    ])  # fmt: skip
+    publish(args, OVERLAP_SECTION, section)
+
+
 PARTS = {
     "answers": answers_part,
     "decode-step": decode_step_part,
     "indexings": indexings_part,
     "question-guided": question_guided_part,
+    "overlap": overlap_part,
 }
 
 
@@ -336,10 +453,11 @@ def main() -> None:
         "--followups", type=int, default=3, help="follow-ups per video; the median is reported"
     )
     parser.add_argument("--tokens", type=int, default=128, help="decode-step: tokens per generation")
-    parser.add_argument("--runs", type=int, default=5, help="decode-step, question-guided: repetitions")
+    parser.add_argument("--runs", type=int, default=5, help="decode-step, question-guided, overlap: runs")
     parser.add_argument("--indexings", type=int, default=20, help="indexings: how many")
     parser.add_argument("--minutes", type=int, default=10, help="the parts' video length")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # decode-step's measuring run
     args = parser.parse_args()
     model = args.model or str(make_tiny(ROOT / "build" / "bench" / "tiny")["qwen2_5_vl"])
     PARTS[args.part](args, model)
