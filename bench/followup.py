@@ -300,8 +300,9 @@ def indexings_part(args, model: str) -> None:
             wall = time.perf_counter() - started
             assert not result.hit
             del result, store
-            since_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            rows.append((wall, since_start, memory_mib("VmHWM"), memory_mib("VmRSS")))
+            peak = memory_mib("VmHWM")
+            since_start = max([peak, *(row[1] for row in rows)])  # reset_peak resets ru_maxrss too
+            rows.append((wall, since_start, peak, memory_mib("VmRSS")))
             print(f"indexing {index + 1}: {wall:.1f} s, peak RSS {since_start:.0f} MiB, this indexing's "
                   f"{rows[-1][2]:.0f}, after it {rows[-1][3]:.0f}", flush=True)  # fmt: skip
     first, last = rows[0][1], rows[-1][1]
@@ -316,7 +317,7 @@ def indexings_part(args, model: str) -> None:
         f"indexed {args.indexings} times in one process, each into a fresh store (a miss: decode, vision, "
         "compressed prefill, artifact and vision features written), as a worker does job after job.",
         "",
-        "| indexing | wall s | process peak RSS MiB (ru_maxrss) | this indexing's peak MiB (VmHWM) | "
+        "| indexing | wall s | process peak RSS so far MiB | this indexing's peak MiB (VmHWM) | "
         "RSS after it MiB |",
         "| ---: | ---: | ---: | ---: | ---: |",
         *table,
