@@ -130,9 +130,10 @@ def _ask_compressed(loaded, args: argparse.Namespace) -> int:
     moments = ", ".join(f"{_mmss(t)} ({share:.0%})" for t, share in answer.top_moments)
     print(f"evidence: {moments}")
     print(
-        f"timings: decode {video_seconds.get('decode', 0):.2f}s"
-        f" | vision {video_seconds.get('vision', 0):.2f}s"
-        f" | video prefill {video_seconds.get('prefill', 0):.2f}s | question prefill "
+        # Milliseconds: with a tiny model a stage that ran can take under 5 ms.
+        f"timings: decode {video_seconds.get('decode', 0):.3f}s"
+        f" | vision {video_seconds.get('vision', 0):.3f}s"
+        f" | video prefill {video_seconds.get('prefill', 0):.3f}s | question prefill "
         f"{answer.timings['prefill']:.2f}s | decode-tokens {answer.timings['generate']:.2f}s "
         f"({len(answer.token_ids)} tokens) | mode {args.mode}"
     )
