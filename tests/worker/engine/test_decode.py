@@ -300,7 +300,7 @@ def test_every_strategy_keeps_samples_within_half_an_interval(tmp_path, strategy
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_one_decoder_thread_gives_the_frames_ffmpegs_thread_count_gives(tmp_path, strategy):
-    """The CPU worker decodes on one thread (`decoder_threads`): threads may change speed, never pixels."""
+    """Decoder threads may change the speed, never the frames."""
     path = tmp_path / "gop.mp4"
     make_video(path, fps=10, seconds=6, gop=5, bframes=3)
     sampling = SamplingConfig(fps=2)

@@ -12,7 +12,7 @@ from worker.engine.decode import CorruptVideoError, sample_frames
 from worker.engine.models import load_model
 from worker.engine.pipeline import Prefetcher
 from worker.engine.preprocess import normalisation_table, patchify_frames
-from worker.engine.vision import DECODE_THREAD, decoder_threads, encode_slices, encode_video
+from worker.engine.vision import DECODE_THREAD, encode_slices, encode_video
 
 WAIT = 10  # seconds a test waits for something that must happen; never reached when the code is right
 
@@ -135,8 +135,3 @@ def test_prefetched_encoding_equals_encoding_in_one_thread(loaded):
             )
     assert torch.equal(features.embeds, torch.cat(expected))
     assert features.timestamps == [f.timestamp for f in frames]
-
-
-def test_the_decoder_takes_one_thread_beside_a_cpu_model_and_every_core_beside_an_accelerator():
-    assert decoder_threads(torch.device("cpu")) == 1
-    assert decoder_threads(torch.device("cuda", 0)) == 0  # FFmpeg starts one per core
