@@ -143,8 +143,7 @@ def encode_video(
     progress = on_progress or (lambda stage, fraction: None)
     progress("decoding", 0.0)  # frames are decoded as the encoder asks for them: encoding reports next
     layout = video_layout(loaded, video_path, sampling)
-    # Once exhausted, it knows what damage it met.
-    decoded = sample_frames(video_path, sampling)
+    decoded = sample_frames(video_path, sampling)  # once exhausted, it knows what damage it met
     frames = decoded if on_frame is None else _tapped(decoded, on_frame)
     pieces, timestamps = [], []
     # Closed on any exit, so the decoding thread stops with it (an early exit leaves it suspended).
