@@ -46,6 +46,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from procfs import memory_kib
 from redis import Redis
 
 from service.contract import GPU_QUEUE, JobStatus, Keys, VideoStatus
@@ -162,16 +163,6 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
     return total
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmHWM (peak RSS) and VmRSS of a process, KiB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmHWM", "VmRSS"):
-            values[name] = int(value.split()[0])
-    return values
 
 
 def children_cpu_seconds() -> float:

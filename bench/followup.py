@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ from unittest import mock
 
 import torch
 from common import ROOT, looped_bunny, write_section
+from procfs import memory_kib
 
 from worker.allocator import PRELOAD, allocator_in_use, with_jemalloc
 from worker.engine.adaretake import PRESETS
@@ -280,12 +282,6 @@ def decode_step_part(args, model: str) -> None:
 # ---- memory over repeated indexings ------------------------------------------------------------------------
 
 
-def memory_mib(field: str) -> float:
-    """This process's VmRSS (now) or VmHWM (peak since the last `reset_peak`), in MiB."""
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return int(status[field].split()[0]) / 1024
-
-
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
 
@@ -302,14 +298,16 @@ def indexings_part(args, model: str) -> None:
             wall = time.perf_counter() - started
             assert not result.hit
             del result, store
-            peak = memory_mib("VmHWM")
-            since_start = max([peak, *(row[1] for row in rows)])  # reset_peak resets ru_maxrss too
-            rows.append((wall, since_start, peak, memory_mib("VmRSS")))
-            print(f"indexing {index + 1}: {wall:.1f} s, peak RSS {since_start:.0f} MiB, this indexing's "
-                  f"{rows[-1][2]:.0f}, after it {rows[-1][3]:.0f}", flush=True)  # fmt: skip
-    first, last = rows[0][1], rows[-1][1]
-    later = [row[2] for row in rows[len(rows) // 2 :]]
-    table = [f"| {i + 1} | {w:.1f} | {p:.0f} | {j:.0f} | {n:.0f} |" for i, (w, p, j, n) in enumerate(rows)]
+            memory = {name: kib / 1024 for name, kib in memory_kib(os.getpid()).items()}
+            rows.append((wall, memory["VmHWM"], memory["VmRSS"]))
+            print(f"indexing {index + 1}: {wall:.1f} s, peak RSS {memory['VmHWM']:.0f} MiB, after it "
+                  f"{memory['VmRSS']:.0f}", flush=True)  # fmt: skip
+    # The process's peak so far: reset_peak resets ru_maxrss too, so it is the running max of the peaks.
+    so_far = list(itertools.accumulate((peak for _, peak, _ in rows), max))
+    first, last = so_far[0], so_far[-1]
+    later = [peak for _, peak, _ in rows[len(rows) // 2 :]]
+    table = [f"| {i + 1} | {w:.1f} | {s:.0f} | {p:.0f} | {n:.0f} |"
+             for i, ((w, p, n), s) in enumerate(zip(rows, so_far, strict=True))]  # fmt: skip
     section = "\n".join([
         INDEXINGS_SECTION,
         "",
@@ -325,7 +323,7 @@ def indexings_part(args, model: str) -> None:
         *table,
         "",
         f"Peak RSS after the last indexing is {last / first - 1:+.1%} of the peak after the first (target: "
-        f"at most +5%). Per-indexing peaks: first {rows[0][2]:.0f} MiB, median of the second half "
+        f"at most +5%). Per-indexing peaks: first {rows[0][1]:.0f} MiB, median of the second half "
         f"{statistics.median(later):.0f} MiB.",
         "",
     ])  # fmt: skip
