@@ -28,7 +28,7 @@ RUN groupadd --system --gid 10001 videoqa \
     && mkdir -p /data /models \
     && chown videoqa:videoqa /data /models
 
-# jemalloc, preloaded below: with glibc's malloc the worker's heap creeps job after job (worker/allocator.py).
+# jemalloc, preloaded below: the allocator the worker's memory is measured on (worker/allocator.py).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libjemalloc2 \
     && rm -rf /var/lib/apt/lists/*

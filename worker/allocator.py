@@ -1,12 +1,12 @@
 """The C allocator a worker runs with.
 
-With glibc's malloc a worker's peak RSS creeps up job after job: its mmap threshold rises to the size
-of the largest block freed so far, so the chunk loop's large tensors of varying size end up in the heap
-and fragment it (the 10-minute video: +22% over 6 indexings, bench/followup.py --part indexings). A
-fixed threshold (MALLOC_MMAP_THRESHOLD_) stopped the creep but made every such block fresh mmap'd
-pages. jemalloc keeps size classes apart and returns unused pages on its own: the worker runs on it
-where the machine has it (Debian and Ubuntu: the libjemalloc2 package, which redis-server installs).
-It has to be preloaded: it replaces malloc only for a process started with it.
+Over repeated indexings of the 10-minute video, while decoding still leaked FFmpeg buffers until the
+cycle collector ran, the worker's peak RSS grew +22% over 6 indexings on glibc's malloc and +6% on
+jemalloc (whose size classes fragment less). With the leak fixed, jemalloc stays flat: +1.0% over 20
+(bench/followup.py --part indexings; glibc has not been measured again since). The fixed glibc mmap
+threshold used before (MALLOC_MMAP_THRESHOLD_) made every large block fresh mmap'd pages. The worker
+runs on jemalloc where the machine has it (Debian and Ubuntu: the libjemalloc2 package, which
+redis-server installs). It has to be preloaded: it replaces malloc only for a process started with it.
 """
 
 import ctypes.util

@@ -146,10 +146,10 @@ def serve(host: str, port: int, model: str | None, data_dir: Path | None) -> int
         api = _spawn(
             [sys.executable, "-m", "uvicorn", "service.main:app", "--host", host, "--port", str(port)], env
         )
-        worker_env = with_jemalloc(env)  # else glibc's heap creeps job after job (worker/allocator.py)
+        worker_env = with_jemalloc(env)  # the allocator the worker is measured on (worker/allocator.py)
         if PRELOAD not in worker_env:
-            _say("worker: libjemalloc not found; running on glibc malloc, whose heap creeps job after job "
-                 "(install libjemalloc2)")  # fmt: skip
+            _say("worker: libjemalloc not found; running on glibc malloc, whose heap grew faster over "
+                 "repeated indexings (install libjemalloc2)")  # fmt: skip
         # prefork with one child: the time limits are enforced (see worker/celery_app.py)
         worker = _spawn(
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", GPU_QUEUE,
