@@ -179,7 +179,7 @@ def reference_probes(
         drift = max((a - b).abs().max().item() for a, b in zip(logits, steps, strict=True))
         assert drift < 1e-4, f"teacher forcing drifts {drift:.1e} from the engine's greedy decoding"
         probes.append(Probe(token_ids, logits))
-        peak = max([peak] + [float(mass.max() / mass.mean()) for mass in evidence.mass.values()])
+        peak = max([peak] + [float(mass.max() / mass.mean()) for mass in evidence.video_mass().values()])
     return probes, peak
 
 

@@ -209,71 +209,88 @@ def stock_loop(stock, lengths: list[int], tokens: int, on_step) -> None:
 
 
 def decode_step_figures(args, model: str) -> dict:
-    """Step times of ours and of transformers' loop, in this process (on the allocator it started with)."""
+    """Step times of ours and of transformers' loop, in this process (on the allocator it started with):
+    one generation of each to warm up, then one measured. The artifact comes from `args.store`, where the
+    first child compressed it."""
     loaded, config, video = part_setup(args, model)
     endless = dataclasses.replace(loaded, eos_token_ids=())  # every run generates exactly `tokens`
-    with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as scratch:
-        artifact = get_or_compress(loaded, DiskStore(Path(scratch)), video, config).artifact
+    artifact = get_or_compress(loaded, DiskStore(Path(args.store)), video, config).artifact
     stock_model = load_model(model)  # never routed through the engine's attention
     tokens = args.tokens
-    ours, stock = [], []
-    for _ in range(args.runs):  # interleaved, so that drift on the machine hits both alike
-        ours += step_times(lambda on_step: answer_from_artifact(
-            endless, artifact, "What happens?", max_new_tokens=tokens, on_step=on_step))  # fmt: skip
-        stock += step_times(lambda on_step: stock_loop(stock_model, artifact.lengths, tokens, on_step))
-    return dict(allocator=allocator(), ours=ours, stock=stock, lengths=artifact.lengths, family=loaded.family)
+    answers = []
+    for _warm_up_and_measured in range(2):
+        ours = step_times(lambda on_step: answers.append(answer_from_artifact(
+            endless, artifact, "What happens?", max_new_tokens=tokens, on_step=on_step)))  # fmt: skip
+        stock = step_times(lambda on_step: stock_loop(stock_model, artifact.lengths, tokens, on_step))
+    return dict(allocator=allocator(), ours=ours, stock=stock, evidence=answers[-1].timings["evidence"],
+                lengths=artifact.lengths, family=loaded.family)  # fmt: skip
 
 
 def decode_step_part(args, model: str) -> None:
     if args.child:
         print(json.dumps(decode_step_figures(args, model)))
         return
-    # An allocator is chosen when a process starts: one child on each, jemalloc (as the worker runs) first.
+    # An allocator is chosen when a process starts: a child per allocator and round, the allocators taking
+    # turns (jemalloc, as the worker runs, first), so that drift on the machine hits both alike.
     unset = (PRELOAD, "MALLOC_MMAP_THRESHOLD_")
     plain = {name: value for name, value in os.environ.items() if name not in unset}
-    options = {"--model": model, "--tokens": args.tokens, "--runs": args.runs, "--minutes": args.minutes}
-    command = [sys.executable, __file__, "--part", "decode-step", "--child"]
-    command += [str(part) for option in options.items() for part in option]
-    runs = []
-    for env in (with_jemalloc(plain), plain):
-        done = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True)
-        runs.append(json.loads(done.stdout.splitlines()[-1]))
+    envs = {"jemalloc": with_jemalloc(plain), "glibc malloc": plain}
+    runs = {name: {"ours": [], "stock": [], "evidence": []} for name in envs}
+    with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as store:
+        options = {"--model": model, "--tokens": args.tokens, "--minutes": args.minutes, "--store": store}
+        command = [sys.executable, __file__, "--part", "decode-step", "--child"]
+        command += [str(part) for option in options.items() for part in option]
+        for _ in range(args.runs):
+            for name, env in envs.items():
+                done = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True)
+                child = json.loads(done.stdout.splitlines()[-1])
+                assert child["allocator"] == f"allocator {name}", child["allocator"]
+                for key in ("ours", "stock"):
+                    runs[name][key] += child[key]
+                runs[name]["evidence"].append(child["evidence"])
+                lengths, family = child["lengths"], child["family"]
 
     def ms(steps: list[float]) -> tuple[float, float]:
         return statistics.median(steps) * 1e3, statistics.quantiles(steps, n=10)[-1] * 1e3
 
     rows = []
-    for run in runs:
+    for name, run in runs.items():
         (mine, mine_p90), (theirs, theirs_p90) = ms(run["ours"]), ms(run["stock"])
-        rows.append(f"| {run['allocator']} | {mine:.2f} | {mine_p90:.2f} | {theirs:.2f} | {theirs_p90:.2f} | "
-                    f"{mine / theirs:.2f}x |")  # fmt: skip
-    worker, glibc = (ms(run["ours"])[0] for run in runs)
-    lengths = runs[0]["lengths"]
+        evidence = statistics.median(run["evidence"]) * 1e3
+        share = evidence / (mine * args.tokens)
+        rows.append(f"| {name} | {mine:.2f} | {mine_p90:.2f} | {theirs:.2f} | {theirs_p90:.2f} | "
+                    f"{mine / theirs:.2f}x | {evidence:.1f} ({share:.0%}) |")  # fmt: skip
+    worker, glibc = (ms(run["ours"])[0] for run in runs.values())
+    stock_worker, stock_glibc = (ms(run["stock"])[0] for run in runs.values())
     cached = statistics.mean(lengths)
     section = "\n".join([
         DECODE_SECTION,
         "",
         f"Run on {datetime.date.today().isoformat()} with `python bench/followup.py --part decode-step` on "
         f"{platform.machine()} ({torch.get_num_threads()} torch threads), model `{Path(model).name}` "
-        f"({runs[0]['family']}): each allocator in a child process of its own.",
+        f"({family}): {args.runs} rounds of one child process per allocator, the allocators taking turns; "
+        "each child warms up with one generation of each loop, then measures one of each.",
         "",
         f"- Cache: the {args.minutes}-minute video's artifact (paper-7b preset), {cached:.0f} tokens per "
         f"layer on average ({min(lengths)}-{max(lengths)}).",
         "- Ours: `answer_from_artifact` as the worker runs it: the question prefilled after the artifact, "
-        "then greedy decoding into preallocated per-request buffers, evidence timeline on.",
+        "then greedy decoding into preallocated per-request buffers, evidence timeline on: the attention "
+        "functions keep each layer's queries, and one product per layer after the last token measures where "
+        "they looked (its time is the last column, once per answer, and its share of the answer's "
+        "decoding steps).",
         "- transformers: a fresh copy of the same checkpoint with stock SDPA attention, a `DynamicCache` of "
         f"{round(cached)} tokens in every layer, one `model(input_ids=..., past_key_values=...)` call per "
         "token.",
-        f"- {args.tokens} tokens per generation, {args.runs} generations each, interleaved; medians of "
-        f"{len(runs[0]['ours'])} steps per loop.",
+        f"- {args.tokens} tokens per generation; medians of the {len(runs['jemalloc']['ours'])} steps per "
+        "loop and allocator over all rounds; the evidence pass: the median over the rounds.",
         "",
         "| process | ours median ms / token | ours p90 | transformers median ms / token | transformers p90 | "
-        "ours / transformers |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "ours / transformers | evidence pass ms / answer |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
-        f"The worker's allocator first (target: ours at most 1.15x transformers'). Ours on jemalloc vs on "
-        f"glibc malloc: {worker / glibc:.2f}x.",
+        f"The worker's allocator first (target: ours at most 1.15x transformers'). On jemalloc vs on glibc "
+        f"malloc: ours {worker / glibc:.2f}x, transformers' loop {stock_worker / stock_glibc:.2f}x.",
         "",
     ])  # fmt: skip
     publish(args, DECODE_SECTION, section)
@@ -455,11 +472,14 @@ def main() -> None:
         "--followups", type=int, default=3, help="follow-ups per video; the median is reported"
     )
     parser.add_argument("--tokens", type=int, default=128, help="decode-step: tokens per generation")
-    parser.add_argument("--runs", type=int, default=5, help="decode-step, question-guided, overlap: runs")
+    parser.add_argument(
+        "--runs", type=int, default=5, help="question-guided, overlap: runs; decode-step: rounds of children"
+    )
     parser.add_argument("--indexings", type=int, default=20, help="indexings: how many")
     parser.add_argument("--minutes", type=int, default=10, help="the parts' video length")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # decode-step's measuring run
+    parser.add_argument("--store", help=argparse.SUPPRESS)  # decode-step: the children's artifact store
     args = parser.parse_args()
     model = args.model or str(make_tiny(ROOT / "build" / "bench" / "tiny")["qwen2_5_vl"])
     PARTS[args.part](args, model)

@@ -379,6 +379,7 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict, lease: Lease | None) -> N
     timings |= {
         "question_prefill": reply.timings["prefill"],
         "generate": reply.timings["generate"],
+        "evidence": reply.timings["evidence"],
         "total": time.perf_counter() - started,
     }
     _check(lease)

