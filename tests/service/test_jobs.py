@@ -8,6 +8,7 @@ import pytest
 
 from service.contract import JobStatus
 from service.routers import jobs as jobs_router
+from tests.helpers import parse_sse
 from tests.service.conftest import ALICE, BOB
 from tests.service.helpers import fake_mp4
 
@@ -125,22 +126,6 @@ def test_unknown_job(client):
     for path in ("/jobs/job_nope", "/jobs/job_nope?wait=1", "/jobs/job_nope/events"):
         response = client.get(path)
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
-
-
-def parse_sse(text: str) -> tuple[list[dict], list[str]]:
-    """-> (events as {id, event, data}, comment lines)."""
-    events, comments = [], []
-    for block in text.split("\n\n"):
-        fields = {}
-        for line in block.splitlines():
-            if line.startswith(":"):
-                comments.append(line)
-            elif line:
-                name, _, value = line.partition(": ")
-                fields[name] = value
-        if "event" in fields:
-            events.append(fields)
-    return events, comments
 
 
 def test_events_are_server_sent_events_that_end_after_done(client, job, records):
