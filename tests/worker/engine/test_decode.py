@@ -1,7 +1,9 @@
 import gc
 import itertools
 import os
+import random
 import tempfile
+import threading
 from pathlib import Path
 
 import av.error
@@ -478,3 +480,97 @@ def test_no_frame_source_outlives_its_container(tmp_path, strategy):
         assert open_sources() == 0
     finally:
         gc.enable()
+
+
+# --- spans: `all` and `nonref` on one single-threaded decoder per core, each from its own keyframe ---
+
+
+def decoding_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("decode")]
+
+
+@pytest.fixture
+def short_spans(monkeypatch):
+    """Spans of 4 samples, so that a clip of seconds is cut into several."""
+    from worker.engine import decode
+
+    monkeypatch.setattr(decode, "SPAN_SAMPLES", 4)
+
+
+@pytest.mark.parametrize("strategy", ["all", "nonref"])
+def test_spans_give_the_frames_one_pass_gives(tmp_path, short_spans, strategy):
+    path = tmp_path / "gop.mp4"
+    # A keyframe every 0.7 s (off the 2-s span boundaries), B-frames with references among them.
+    timestamps = make_video(path, fps=10, seconds=12, gop=7, bframes=3)
+    sampling = SamplingConfig(fps=2)
+    spans = sample_frames(path, sampling, threads=2, strategy=strategy)
+    first = next(spans)
+    assert len(decoding_threads()) == 2  # the spans are decoding at once
+    got = [first, *spans]
+    one_pass = list(sample_frames(path, sampling, threads=1, strategy=strategy))
+    assert [f.timestamp for f in got] == [f.timestamp for f in one_pass]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(got, one_pass, strict=True))
+    assert_samples_within_tolerance(got, path, timestamps, sampling)
+    assert spans.strategy == strategy and spans.damage.lost_samples == 0 and not decoding_threads()
+
+
+def test_spans_decode_around_damage_as_one_pass_does(tmp_path, short_spans):
+    path = tmp_path / "gop.mp4"
+    make_video(path, fps=10, seconds=20, gop=5)
+    garbled = garbled_copy(path, tmp_path / "garbled.mp4", at=0.45, size=path.stat().st_size // 10)
+    sampling = SamplingConfig(fps=1)
+    spans = sample_frames(garbled, sampling, threads=2, strategy="all")
+    got = list(spans)
+    one_pass = sample_frames(garbled, sampling, threads=1, strategy="all")
+    assert [f.timestamp for f in got] == [f.timestamp for f in one_pass]
+    assert spans.damage == one_pass.damage and spans.damage.lost_samples >= 1
+    assert all(5.0 <= start < end <= 15.0 for start, end in spans.damage.seconds)
+
+
+def test_spans_fail_a_mostly_garbage_video(tmp_path, short_spans):
+    path = tmp_path / "gop.mp4"
+    make_video(path, fps=10, seconds=20, gop=5)
+    # Random bytes over every packet of the first 16 s but the keyframes the spans start at (every 4 s):
+    # their seeks still land, and 12 of the 20 samples have nothing to decode.
+    data, noise = bytearray(path.read_bytes()), random.Random(0)
+    with av.open(path) as container:
+        for packet in container.demux(container.streams.video[0]):
+            seconds = packet.pts * packet.time_base if packet.pts is not None else 0
+            if packet.size and seconds < 16 and seconds % 4:
+                data[packet.pos : packet.pos + packet.size] = noise.randbytes(packet.size)
+    garbled = tmp_path / "garbled.mp4"
+    garbled.write_bytes(bytes(data))
+    with pytest.raises(CorruptVideoError, match=f"at least {MIN_DECODED_FRACTION:.0%} must decode") as caught:
+        list(sample_frames(garbled, SamplingConfig(fps=1), threads=2, strategy="all"))
+    assert any(entry.name == "_sample_spans" for entry in caught.traceback)  # not one pass
+    assert not decoding_threads()
+
+
+def test_spans_stop_when_the_consumer_does(tmp_path, short_spans):
+    from worker.engine import decode
+
+    path = tmp_path / "gop.mp4"
+    make_video(path, fps=10, seconds=20, gop=5)
+    gc.collect()
+    gc.disable()
+    try:
+        frames = sample_frames(path, SamplingConfig(fps=2), threads=2)
+        next(frames)
+        frames.close()
+        assert not decoding_threads()
+        assert not any(isinstance(o, decode._FrameSource) for o in gc.get_objects())
+    finally:
+        gc.enable()
+
+
+def test_a_span_that_fails_fails_the_iteration(tmp_path, short_spans):
+    """A decoding thread's error reaches the consumer (here the file is gone before the later spans open
+    it), and no thread is left behind."""
+    path = tmp_path / "gop.mp4"
+    make_video(path, fps=10, seconds=20, gop=5)
+    frames = sample_frames(path, SamplingConfig(fps=2), threads=2, strategy="all")
+    next(frames)
+    path.unlink()
+    with pytest.raises(FileNotFoundError):
+        list(frames)
+    assert not decoding_threads()
