@@ -476,17 +476,23 @@ def _pick(source, first, targets, tolerance: float, tail: float, seek_over: floa
         yield chosen, min(near, default=math.inf) > (tail if current is None else tolerance)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Span:
     """Samples `first` to `stop` (exclusive) of a video, decoded from the keyframe at `start` (time-base
-    units, None: from the beginning). The decoding thread fills in the rest."""
+    units, None: from the beginning)."""
 
     start: int | None
     first: int
     stop: int
-    picks: list = dataclasses.field(default_factory=list)  # (index, timestamp, image | None, lost)
-    errors: int = 0
-    data_ends: float = math.inf
+
+
+@dataclass
+class _Decoding:
+    """What decoding a span gave: per sample `(index, timestamp, image | None, lost)`, in order."""
+
+    picks: list
+    errors: int
+    data_ends: float
 
 
 def _spans(path: str | os.PathLike, targets: list[float]) -> list[_Span]:
@@ -615,15 +621,15 @@ class SampledVideo(Iterator[SampledFrame]):
             running = collections.deque(itertools.islice(jobs, decoders + 1))
             try:
                 while running:
-                    span = running.popleft().result()
+                    done = running.popleft().result()
                     running.extend(itertools.islice(jobs, 1))
-                    errors += span.errors
-                    if span.data_ends < math.inf:
-                        data_ends = max(data_ends, span.data_ends)
-                    for index, timestamp, image, missed in span.picks:
+                    errors += done.errors
+                    if done.data_ends < math.inf:
+                        data_ends = max(data_ends, done.data_ends)
+                    for index, timestamp, image, missed in done.picks:
                         if missed:
                             lost.append(targets[index])
-                            self._count_lost(lost, targets, duration, errors, max(data_ends, span.data_ends))
+                            self._count_lost(lost, targets, duration, errors, max(data_ends, done.data_ends))
                         if image is None and last is None:
                             waiting.append(index)
                             continue
@@ -642,8 +648,8 @@ class SampledVideo(Iterator[SampledFrame]):
         tolerance = (targets[1] - targets[0]) / 2
         self.damage = self._damage(lost, targets, duration, tolerance, errors)
 
-    def _decode_span(self, span: "_Span", targets: list[float], skip: str, stop: threading.Event) -> "_Span":
-        """Decode one span on one thread: its samples' images, lost or not, in order (`span.picks`)."""
+    def _decode_span(self, span: _Span, targets: list[float], skip: str, stop: threading.Event) -> _Decoding:
+        """Decode one span on one thread: its samples' images, lost or not, in order."""
         path, sampling = self.path, self.sampling
         tolerance = (targets[1] - targets[0]) / 2
         tail = max(tolerance, END_TOLERANCE) if span.stop == len(targets) else tolerance
@@ -657,7 +663,7 @@ class SampledVideo(Iterator[SampledFrame]):
             stack.enter_context(contextlib.closing(source))
             first = source.next()
             picks = _pick(source, first, targets[span.first : span.stop], tolerance, tail)
-            reformatter, geometry = VideoReformatter(), None
+            reformatter, geometry, decoded = VideoReformatter(), None, []
             for index, (chosen, missed) in enumerate(picks, start=span.first):
                 if stop.is_set():
                     break
@@ -665,9 +671,8 @@ class SampledVideo(Iterator[SampledFrame]):
                 if chosen is not None:
                     geometry = geometry or _output_geometry(chosen.frame, path, sampling)
                     image = _to_rgb(chosen.frame, reformatter, *geometry)
-                span.picks.append((index, chosen.time if chosen else None, image, missed))
-            span.errors, span.data_ends = source.errors, source.data_ends
-        return span
+                decoded.append((index, chosen.time if chosen else None, image, missed))
+            return _Decoding(decoded, source.errors, source.data_ends)
 
     def _count_lost(self, lost: list[float], targets, duration: float, errors: int, data_ends: float) -> None:
         """Record the lost samples so far; too many of them fail the video."""

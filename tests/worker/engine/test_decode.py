@@ -4,6 +4,7 @@ import os
 import random
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import av.error
@@ -574,3 +575,17 @@ def test_a_span_that_fails_fails_the_iteration(tmp_path, short_spans):
     with pytest.raises(FileNotFoundError):
         list(frames)
     assert not decoding_threads()
+
+
+def test_spans_hold_a_bounded_number_of_images(tmp_path, short_spans):
+    """Images are held for the spans in flight only (decoders + 1, and the one being consumed), not for
+    the whole video."""
+    path = tmp_path / "gop.mp4"
+    make_video(path, fps=10, seconds=60, gop=5)
+    frames = sample_frames(path, SamplingConfig(fps=2), threads=2, strategy="all")
+    images, most = [], 0
+    for frame in frames:  # each frame dropped once looked at
+        images.append(weakref.ref(frame.image))
+        most = max(most, sum(image() is not None for image in images))
+    assert len(images) == 120
+    assert most <= 5 * 4  # spans of 4 samples: 3 in flight, the one consumed, the next finishing
