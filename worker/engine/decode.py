@@ -610,11 +610,11 @@ class SampledVideo(Iterator[SampledFrame]):
         keyframes (`_spans`), yielded in order. One thread per decoder costs less CPU per frame than
         FFmpeg's frame threads, and the spans still keep every core busy. At most `decoders + 1` spans'
         images are held, so memory stays bounded; closing the iterator stops the decoders at their next
-        frame."""
+        sample."""
         stop, lost, errors = threading.Event(), [], 0
-        data_ends = -math.inf  # the furthest a span read before the packets ran out
+        ran_out = []  # where spans found the packets ending
         last = None  # the latest frame yielded: what a lost sample without a frame of its own repeats
-        waiting = []  # lost samples before any frame decoded: they repeat the first one
+        waiting = []  # lost samples before any frame decoded: they repeat the first one (too many fail)
         skip = structure.nonref_skip if self.strategy == "nonref" else "DEFAULT"
         with ThreadPoolExecutor(decoders, thread_name_prefix="decode") as pool:
             jobs = (pool.submit(self._decode_span, span, targets, skip, stop) for span in spans)
@@ -625,11 +625,11 @@ class SampledVideo(Iterator[SampledFrame]):
                     running.extend(itertools.islice(jobs, 1))
                     errors += done.errors
                     if done.data_ends < math.inf:
-                        data_ends = max(data_ends, done.data_ends)
+                        ran_out.append(done.data_ends)
                     for index, timestamp, image, missed in done.picks:
                         if missed:
                             lost.append(targets[index])
-                            self._count_lost(lost, targets, duration, errors, max(data_ends, done.data_ends))
+                            self._count_lost(lost, targets, duration, errors, max(ran_out, default=math.inf))
                         if image is None and last is None:
                             waiting.append(index)
                             continue
@@ -639,8 +639,6 @@ class SampledVideo(Iterator[SampledFrame]):
                             yield SampledFrame(image=image, timestamp=timestamp, index=held)
                         waiting, last = [], SampledFrame(image=image, timestamp=timestamp, index=index)
                         yield last
-                if waiting:  # not one frame decoded in any span
-                    raise CorruptVideoError(f"{self.path}: not one decodable frame in the video stream")
             finally:
                 stop.set()
                 for job in running:
