@@ -398,7 +398,8 @@ def question_guided_part(args, model: str) -> None:
 
 def overlap_part(args, model: str) -> None:
     loaded, config, video = part_setup(args, model)
-    # The decoder's thread count as the worker leaves it (0: FFmpeg starts one per core), and 1.
+    # Decoding as the worker leaves it (threads=0: a single-threaded decoder per core, each on its own
+    # span of the video), and in one pass on one thread.
     runs = {0: [], 1: []}
     with tempfile.TemporaryDirectory(prefix="videoqa-bench-") as scratch:
         for run in range(args.runs):
@@ -425,7 +426,7 @@ def overlap_part(args, model: str) -> None:
     def cells(threads: int) -> list[str]:
         wall, work, idle = median(threads, "wall"), summed(threads), median(threads, "wait")
         stages = [f"{median(threads, stage):.1f}" for stage in WORK_STAGES]
-        name = "1" if threads else "0 (FFmpeg picks: the worker)"
+        name = "1" if threads else "0 (a decoder per core: the worker)"
         return [name, f"{wall:.1f}", *stages, f"{work:.1f}", f"{work - wall:.1f}", f"{idle:.1f}"]
 
     rows = ["| " + " | ".join(cells(threads)) + " |" for threads in runs]
