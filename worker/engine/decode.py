@@ -571,7 +571,7 @@ class SampledVideo(Iterator[SampledFrame]):
             decoders = self.threads or _cores()
             if decoders > 1 and self.strategy in ("all", "nonref") and structure.seekable:
                 if len(spans := _spans(path, targets)) > 1:
-                    yield from self._sample_spans(spans, targets, duration, structure, decoders)
+                    yield from self._sample_spans(spans, targets, duration, tolerance, structure, decoders)
                     return
             # Frame threads delay every output by a frame per thread: after a seek, those are wasted.
             stream.thread_type = "SLICE" if self.strategy == "seek" else "AUTO"
@@ -599,13 +599,13 @@ class SampledVideo(Iterator[SampledFrame]):
             for index, (target, (chosen, missed)) in enumerate(zip(targets, picks, strict=True)):
                 if missed:
                     lost.append(target)
-                    self._count_lost(lost, targets, duration, source.errors, source.data_ends)
+                    self._count_lost(lost, targets, duration, tolerance, source.errors, source.data_ends)
                 geometry = geometry or _output_geometry(chosen.frame, path, sampling)
                 image = _to_rgb(chosen.frame, reformatter, *geometry)
                 yield SampledFrame(image=image, timestamp=chosen.time, index=index)
             self.damage = self._damage(lost, targets, duration, tolerance, source.errors)
 
-    def _sample_spans(self, spans, targets, duration, structure, decoders) -> Iterator[SampledFrame]:
+    def _sample_spans(self, spans, targets, duration, tolerance, structure, decoders) -> Iterator:
         """`all` and `nonref` on `decoders` single-threaded decoders at once, each on its own span of
         keyframes (`_spans`), yielded in order. One thread per decoder costs less CPU per frame than
         FFmpeg's frame threads, and the spans still keep every core busy. At most `decoders + 1` spans'
@@ -617,7 +617,7 @@ class SampledVideo(Iterator[SampledFrame]):
         waiting = []  # lost samples before any frame decoded: they repeat the first one (too many fail)
         skip = structure.nonref_skip if self.strategy == "nonref" else "DEFAULT"
         with ThreadPoolExecutor(decoders, thread_name_prefix="decode") as pool:
-            jobs = (pool.submit(self._decode_span, span, targets, skip, stop) for span in spans)
+            jobs = (pool.submit(self._decode_span, span, targets, tolerance, skip, stop) for span in spans)
             running = collections.deque(itertools.islice(jobs, decoders + 1))
             try:
                 while running:
@@ -629,7 +629,8 @@ class SampledVideo(Iterator[SampledFrame]):
                     for index, timestamp, image, missed in done.picks:
                         if missed:
                             lost.append(targets[index])
-                            self._count_lost(lost, targets, duration, errors, max(ran_out, default=math.inf))
+                            ends = max(ran_out, default=math.inf)
+                            self._count_lost(lost, targets, duration, tolerance, errors, ends)
                         if image is None and last is None:
                             waiting.append(index)
                             continue
@@ -643,13 +644,11 @@ class SampledVideo(Iterator[SampledFrame]):
                 stop.set()
                 for job in running:
                     job.cancel()
-        tolerance = (targets[1] - targets[0]) / 2
         self.damage = self._damage(lost, targets, duration, tolerance, errors)
 
-    def _decode_span(self, span: _Span, targets: list[float], skip: str, stop: threading.Event) -> _Decoding:
+    def _decode_span(self, span: _Span, targets, tolerance: float, skip: str, stop) -> _Decoding:
         """Decode one span on one thread: its samples' images, lost or not, in order."""
         path, sampling = self.path, self.sampling
-        tolerance = (targets[1] - targets[0]) / 2
         tail = max(tolerance, END_TOLERANCE) if span.stop == len(targets) else tolerance
         with _open(path) as container, contextlib.ExitStack() as stack:
             stream = _video_stream(container, path)
@@ -672,9 +671,8 @@ class SampledVideo(Iterator[SampledFrame]):
                 decoded.append((index, chosen.time if chosen else None, image, missed))
             return _Decoding(decoded, source.errors, source.data_ends)
 
-    def _count_lost(self, lost: list[float], targets, duration: float, errors: int, data_ends: float) -> None:
+    def _count_lost(self, lost, targets, duration: float, tolerance: float, errors: int, data_ends: float):
         """Record the lost samples so far; too many of them fail the video."""
-        tolerance = (targets[1] - targets[0]) / 2 if len(targets) > 1 else duration / 2
         self.damage = self._damage(lost, targets, duration, tolerance, errors)
         if len(lost) > len(targets) * (1 - MIN_DECODED_FRACTION):
             raise self._too_damaged(data_ends, duration)
