@@ -23,9 +23,10 @@ puts every sample within half an interval of its target:
   streams with long keyframe intervals and no droppable frames).
 
 `all` and `nonref` in an indexed container run on one single-threaded decoder per core, each decoding
-its own span of samples from the keyframe at or before it, the spans yielded in order: FFmpeg's frame
-threads spend about a fifth more CPU per frame than one thread does. A file whose seeks land on no
-keyframe is decoded in one pass on FFmpeg's threads.
+its own span: the samples of one keyframe interval, from its keyframe, the spans yielded in order. FFmpeg's
+frame threads spend about a fifth more CPU per frame than one thread does, and a span stops at its last
+sample, so the frames between an interval's last sample and the next keyframe are never decoded. A file
+whose seeks land on no keyframe is decoded in one pass on FFmpeg's threads.
 
 Damaged data is decoded around the way FFmpeg does: a packet that fails to decode is counted and
 skipped, a frame FFmpeg flags corrupt is dropped. A sample with no good frame within half an interval
@@ -42,6 +43,7 @@ import hashlib
 import itertools
 import math
 import os
+import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -82,9 +84,6 @@ KEYFRAME_PROBE_POINTS = (0.0, 1 / 3, 2 / 3)
 # Skipping non-reference frames is probed on the first seconds, and used only if it drops enough.
 NONREF_PROBE_SECONDS = 2.0
 NONREF_WORTHWHILE = 0.8
-# `all` and `nonref` decode spans of about this many samples at once, one decoder thread each (from the
-# keyframe at or before the span's first sample): 32 images of 448x252 are 11 MB.
-SPAN_SAMPLES = 32
 # Demuxing errors in a row after which the rest of the file counts as lost.
 MAX_DEMUX_ERRORS = 100
 # Frozen, so one shared default is safe.
@@ -493,17 +492,18 @@ class _Decoding:
     picks: list
     errors: int
     data_ends: float
+    frames: int  # decoded
 
 
 def _spans(path: str | os.PathLike, targets: list[float]) -> list[_Span]:
-    """Cut the samples into spans of about `SPAN_SAMPLES`, each starting at a keyframe, found by seeking
-    (the container's index, no decoding). A seek that lands on no keyframe gives one span (decode
+    """Cut the samples into spans, one per keyframe interval that holds samples, found by seeking to every
+    target (the container's index, no decoding). A seek that lands on no keyframe gives one span (decode
     straight through)."""
     starts = [(None, 0.0)]  # (keyframe pts, its seconds since the stream start)
     with _open(path) as container:
         stream = _video_stream(container, path)
         start, time_base = stream.start_time or 0, float(stream.time_base)
-        for target in targets[SPAN_SAMPLES::SPAN_SAMPLES]:
+        for target in targets[1:]:
             container.seek(start + math.floor(target / time_base), stream=stream)
             packet = next(_packets(container, stream), None)
             if packet is None or packet.pts is None or not packet.is_keyframe:
@@ -530,6 +530,7 @@ class SampledVideo(Iterator[SampledFrame]):
     Attributes:
         strategy (Strategy | None): the decoding strategy, known once the first frame was asked for.
         damage (Damage): lost samples and seconds so far; final once the iterator is exhausted.
+        decoded_frames (int): good frames the decoder gave, once the iterator is exhausted.
     """
 
     def __init__(self, path, sampling: SamplingConfig, *, threads: int, strategy: Strategy | None) -> None:
@@ -538,6 +539,7 @@ class SampledVideo(Iterator[SampledFrame]):
         self.threads = threads
         self.strategy = strategy
         self.damage = Damage()
+        self.decoded_frames = 0
         self._frames = self._sample()
 
     def __next__(self) -> SampledFrame:
@@ -571,7 +573,10 @@ class SampledVideo(Iterator[SampledFrame]):
             decoders = self.threads or _cores()
             if decoders > 1 and self.strategy in ("all", "nonref") and structure.seekable:
                 if len(spans := _spans(path, targets)) > 1:
-                    yield from self._sample_spans(spans, targets, duration, tolerance, structure, decoders)
+                    geometry = self._first_geometry(container, stream)
+                    yield from self._sample_spans(
+                        spans, targets, duration, tolerance, structure, decoders, geometry
+                    )
                     return
             # Frame threads delay every output by a frame per thread: after a seek, those are wasted.
             stream.thread_type = "SLICE" if self.strategy == "seek" else "AUTO"
@@ -604,8 +609,18 @@ class SampledVideo(Iterator[SampledFrame]):
                 image = _to_rgb(chosen.frame, reformatter, *geometry)
                 yield SampledFrame(image=image, timestamp=chosen.time, index=index)
             self.damage = self._damage(lost, targets, duration, tolerance, source.errors)
+            self.decoded_frames = source.frames
 
-    def _sample_spans(self, spans, targets, duration, tolerance, structure, decoders) -> Iterator:
+    def _first_geometry(self, container, stream) -> tuple[int, int, int]:
+        """The output geometry, from the stream's first good frame: every span scales to it, as one pass
+        scales every frame to its first (a stream may change resolution mid-way)."""
+        with contextlib.closing(_FrameSource(container, stream, self.path)) as source:
+            if (first := source.next()) is None:
+                source.raise_if_nothing_decoded()
+            self.decoded_frames += source.frames
+            return _output_geometry(first.frame, self.path, self.sampling)
+
+    def _sample_spans(self, spans, targets, duration, tolerance, structure, decoders, geometry) -> Iterator:
         """`all` and `nonref` on `decoders` single-threaded decoders at once, each on its own span of
         keyframes (`_spans`), yielded in order. One thread per decoder costs less CPU per frame than
         FFmpeg's frame threads, and the spans still keep every core busy. At most `decoders + 1` spans'
@@ -616,14 +631,21 @@ class SampledVideo(Iterator[SampledFrame]):
         last = None  # the latest frame yielded: what a lost sample without a frame of its own repeats
         waiting = []  # lost samples before any frame decoded: they repeat the first one (too many fail)
         skip = structure.nonref_skip if self.strategy == "nonref" else "DEFAULT"
-        with ThreadPoolExecutor(decoders, thread_name_prefix="decode") as pool:
-            jobs = (pool.submit(self._decode_span, span, targets, tolerance, skip, stop) for span in spans)
+        with (
+            contextlib.closing(_Containers(self.path, skip)) as containers,
+            ThreadPoolExecutor(decoders, thread_name_prefix="decode") as pool,  # joined before they close
+        ):
+            jobs = (
+                pool.submit(self._decode_span, span, targets, tolerance, geometry, containers, stop)
+                for span in spans
+            )
             running = collections.deque(itertools.islice(jobs, decoders + 1))
             try:
                 while running:
                     done = running.popleft().result()
                     running.extend(itertools.islice(jobs, 1))
                     errors += done.errors
+                    self.decoded_frames += done.frames
                     if done.data_ends < math.inf:
                         ran_out.append(done.data_ends)
                     for index, timestamp, image, missed in done.picks:
@@ -646,30 +668,20 @@ class SampledVideo(Iterator[SampledFrame]):
                     job.cancel()
         self.damage = self._damage(lost, targets, duration, tolerance, errors)
 
-    def _decode_span(self, span: _Span, targets, tolerance: float, skip: str, stop) -> _Decoding:
+    def _decode_span(self, span: _Span, targets, tolerance: float, geometry, containers, stop) -> _Decoding:
         """Decode one span on one thread: its samples' images, lost or not, in order."""
-        path, sampling = self.path, self.sampling
         tail = max(tolerance, END_TOLERANCE) if span.stop == len(targets) else tolerance
-        with _open(path) as container, contextlib.ExitStack() as stack:
-            stream = _video_stream(container, path)
-            stream.thread_count = 1
-            stream.codec_context.skip_frame = skip
-            if span.start:
-                container.seek(span.start, stream=stream)
-            source = _FrameSource(container, stream, path)
-            stack.enter_context(contextlib.closing(source))
-            first = source.next()
-            picks = _pick(source, first, targets[span.first : span.stop], tolerance, tail)
-            reformatter, geometry, decoded = VideoReformatter(), None, []
-            for index, (chosen, missed) in enumerate(picks, start=span.first):
-                if stop.is_set():
-                    break
-                image = None
-                if chosen is not None:
-                    geometry = geometry or _output_geometry(chosen.frame, path, sampling)
-                    image = _to_rgb(chosen.frame, reformatter, *geometry)
-                decoded.append((index, chosen.time if chosen else None, image, missed))
-            return _Decoding(decoded, source.errors, source.data_ends)
+        with containers.borrow(seek_to=span.start) as (container, stream):
+            with contextlib.closing(_FrameSource(container, stream, self.path)) as source:
+                first = source.next()
+                picks = _pick(source, first, targets[span.first : span.stop], tolerance, tail)
+                reformatter, decoded = VideoReformatter(), []
+                for index, (chosen, missed) in enumerate(picks, start=span.first):
+                    if stop.is_set():
+                        break
+                    image = None if chosen is None else _to_rgb(chosen.frame, reformatter, *geometry)
+                    decoded.append((index, chosen.time if chosen else None, image, missed))
+        return _Decoding(decoded, source.errors, source.data_ends, source.frames)
 
     def _count_lost(self, lost, targets, duration: float, tolerance: float, errors: int, data_ends: float):
         """Record the lost samples so far; too many of them fail the video."""
@@ -701,6 +713,48 @@ class SampledVideo(Iterator[SampledFrame]):
             f"{self.path}: {share} lie in data that does not decode ({damage.decode_errors} damaged "
             f"packets so far); at least {MIN_DECODED_FRACTION:.0%} must decode"
         )
+
+
+class _Containers:
+    """Open containers of one file for the span decoders, each on one thread with `skip`. A span borrows
+    one and gives it back, so a later span seeks instead of opening the file again: opening an MP4 reads
+    its whole index, 12 ms for 10 minutes. `close` closes them all, once no span is decoding."""
+
+    def __init__(self, path: str | os.PathLike, skip: str) -> None:
+        self.path, self.skip = path, skip
+        self._free = queue.SimpleQueue()  # (container, stream) pairs no span is using
+
+    @contextlib.contextmanager
+    def borrow(self, seek_to: int | None) -> Iterator[tuple[InputContainer, VideoStream]]:
+        """A container at the keyframe `seek_to` (time-base units; None: a new one, at the start). One
+        that failed is closed, not given back."""
+        try:
+            container, stream = self._free.get_nowait() if seek_to is not None else self._open()
+        except queue.Empty:
+            container, stream = self._open()
+        try:
+            if seek_to is not None:
+                container.seek(seek_to, stream=stream)
+            yield container, stream
+        except BaseException:
+            container.close()
+            raise
+        self._free.put((container, stream))
+
+    def close(self) -> None:
+        while not self._free.empty():
+            self._free.get()[0].close()
+
+    def _open(self) -> tuple[InputContainer, VideoStream]:
+        container = _open(self.path)
+        try:
+            stream = _video_stream(container, self.path)
+        except BaseException:
+            container.close()
+            raise
+        stream.thread_count = 1
+        stream.codec_context.skip_frame = self.skip
+        return container, stream
 
 
 class _FrameSource:

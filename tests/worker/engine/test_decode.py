@@ -490,32 +490,36 @@ def decoding_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("decode")]
 
 
-@pytest.fixture
-def short_spans(monkeypatch):
-    """Spans of 4 samples, so that a clip of seconds is cut into several."""
-    from worker.engine import decode
-
-    monkeypatch.setattr(decode, "SPAN_SAMPLES", 4)
-
-
 @pytest.mark.parametrize("strategy", ["all", "nonref"])
-def test_spans_give_the_frames_one_pass_gives(tmp_path, short_spans, strategy):
+def test_spans_give_the_frames_one_pass_gives(tmp_path, strategy):
     path = tmp_path / "gop.mp4"
-    # A keyframe every 0.7 s (off the 2-s span boundaries), B-frames with references among them.
+    # A keyframe every 0.7 s (off the 0.5-s sampling grid), B-frames with references among them.
     timestamps = make_video(path, fps=10, seconds=12, gop=7, bframes=3)
     sampling = SamplingConfig(fps=2)
     spans = sample_frames(path, sampling, threads=2, strategy=strategy)
     first = next(spans)
     assert len(decoding_threads()) == 2  # the spans are decoding at once
     got = [first, *spans]
-    one_pass = list(sample_frames(path, sampling, threads=1, strategy=strategy))
-    assert [f.timestamp for f in got] == [f.timestamp for f in one_pass]
-    assert all(np.array_equal(a.image, b.image) for a, b in zip(got, one_pass, strict=True))
+    one_pass = sample_frames(path, sampling, threads=1, strategy=strategy)
+    expected = list(one_pass)
+    assert [f.timestamp for f in got] == [f.timestamp for f in expected]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(got, expected, strict=True))
     assert_samples_within_tolerance(got, path, timestamps, sampling)
     assert spans.strategy == strategy and spans.damage.lost_samples == 0 and not decoding_threads()
+    # Each span stops at its last sample: the rest of its keyframe interval is never decoded.
+    assert spans.decoded_frames < one_pass.decoded_frames
 
 
-def test_spans_decode_around_damage_as_one_pass_does(tmp_path, short_spans):
+def test_spans_skip_the_keyframe_intervals_no_sample_needs(tmp_path):
+    path = tmp_path / "gop.mp4"
+    make_video(path, fps=10, seconds=20, gop=10)  # a keyframe every second, a sample every other
+    spans = sample_frames(path, SamplingConfig(fps=0.5), threads=2, strategy="all")
+    assert len(list(spans)) == 10
+    # Per sample: its keyframe, up to its target and one frame past it; the seconds between decode nothing.
+    assert spans.decoded_frames <= 10 * 2 + 1 < 200
+
+
+def test_spans_decode_around_damage_as_one_pass_does(tmp_path):
     path = tmp_path / "gop.mp4"
     make_video(path, fps=10, seconds=20, gop=5)
     garbled = garbled_copy(path, tmp_path / "garbled.mp4", at=0.45, size=path.stat().st_size // 10)
@@ -524,20 +528,23 @@ def test_spans_decode_around_damage_as_one_pass_does(tmp_path, short_spans):
     got = list(spans)
     one_pass = sample_frames(garbled, sampling, threads=1, strategy="all")
     assert [f.timestamp for f in got] == [f.timestamp for f in one_pass]
-    assert spans.damage == one_pass.damage and spans.damage.lost_samples >= 1
+    assert spans.damage.lost_samples == one_pass.damage.lost_samples >= 1
+    assert spans.damage.seconds == one_pass.damage.seconds
     assert all(5.0 <= start < end <= 15.0 for start, end in spans.damage.seconds)
+    # Damaged packets in keyframe intervals without samples are not decoded, so not counted.
+    assert 1 <= spans.damage.decode_errors <= one_pass.damage.decode_errors
 
 
-def test_spans_fail_a_mostly_garbage_video(tmp_path, short_spans):
+def test_spans_fail_a_mostly_garbage_video(tmp_path):
     path = tmp_path / "gop.mp4"
-    make_video(path, fps=10, seconds=20, gop=5)
-    # Random bytes over every packet of the first 16 s but the keyframes the spans start at (every 4 s):
-    # their seeks still land, and 12 of the 20 samples have nothing to decode.
+    make_video(path, fps=10, seconds=20, gop=40)
+    # Random bytes over every packet of the first 16 s but the keyframes (every 4 s), where the spans start:
+    # their seeks still land, and 12 of the 20 samples have nothing good within half a second.
     data, noise = bytearray(path.read_bytes()), random.Random(0)
     with av.open(path) as container:
         for packet in container.demux(container.streams.video[0]):
             seconds = packet.pts * packet.time_base if packet.pts is not None else 0
-            if packet.size and seconds < 16 and seconds % 4:
+            if packet.size and seconds < 16 and not packet.is_keyframe:
                 data[packet.pos : packet.pos + packet.size] = noise.randbytes(packet.size)
     garbled = tmp_path / "garbled.mp4"
     garbled.write_bytes(bytes(data))
@@ -547,7 +554,7 @@ def test_spans_fail_a_mostly_garbage_video(tmp_path, short_spans):
     assert not decoding_threads()
 
 
-def test_spans_stop_when_the_consumer_does(tmp_path, short_spans):
+def test_spans_stop_when_the_consumer_does(tmp_path):
     from worker.engine import decode
 
     path = tmp_path / "gop.mp4"
@@ -560,28 +567,43 @@ def test_spans_stop_when_the_consumer_does(tmp_path, short_spans):
         frames.close()
         assert not decoding_threads()
         assert not any(isinstance(o, decode._FrameSource) for o in gc.get_objects())
+        assert not any(type(o) is av.container.InputContainer for o in gc.get_objects())
     finally:
         gc.enable()
 
 
-def test_a_span_that_fails_fails_the_iteration(tmp_path, short_spans):
-    """A decoding thread's error reaches the consumer (here the file is gone before the later spans open
-    it), and no thread is left behind."""
+def test_a_span_that_fails_fails_the_iteration(tmp_path, monkeypatch):
+    """A decoding thread's error (here memory running out while converting a later span's frame) reaches
+    the consumer, and no thread or container is left behind."""
+    from worker.engine import decode
+
     path = tmp_path / "gop.mp4"
     make_video(path, fps=10, seconds=20, gop=5)
-    frames = sample_frames(path, SamplingConfig(fps=2), threads=2, strategy="all")
-    next(frames)
-    path.unlink()
-    with pytest.raises(FileNotFoundError):
-        list(frames)
-    assert not decoding_threads()
+    convert, calls = decode._to_rgb, itertools.count()
+
+    def run_out_of_memory_at_the_thirtieth(*args):
+        if next(calls) == 30:
+            raise MemoryError("cannot allocate the image")
+        return convert(*args)
+
+    monkeypatch.setattr(decode, "_to_rgb", run_out_of_memory_at_the_thirtieth)
+    gc.collect()
+    gc.disable()
+    try:
+        frames = sample_frames(path, SamplingConfig(fps=2), threads=2, strategy="all")
+        with pytest.raises(MemoryError, match="cannot allocate"):
+            list(frames)
+        assert not decoding_threads()
+        assert not any(type(o) is av.container.InputContainer for o in gc.get_objects())
+    finally:
+        gc.enable()
 
 
-def test_spans_hold_a_bounded_number_of_images(tmp_path, short_spans):
+def test_spans_hold_a_bounded_number_of_images(tmp_path):
     """Images are held for the spans in flight only (decoders + 1, and the one being consumed), not for
     the whole video."""
     path = tmp_path / "gop.mp4"
-    make_video(path, fps=10, seconds=60, gop=5)
+    make_video(path, fps=10, seconds=60, gop=20)  # 4 samples per keyframe interval
     frames = sample_frames(path, SamplingConfig(fps=2), threads=2, strategy="all")
     images, most = [], 0
     for frame in frames:  # each frame dropped once looked at
