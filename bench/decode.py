@@ -191,7 +191,11 @@ def bench(inputs: list[Input], runs: int) -> list[dict]:
                       f"rss {rss:6.1f} MiB  {facts[tool]}")  # fmt: skip
         for tool, samples in results.items():
             cpu, wall, rss = (statistics.median(column) for column in zip(*samples, strict=True))
+            # Against ffmpeg's run of the same round: load drifts between rounds, less within one.
+            rounds = zip(samples, results["ffmpeg CLI"], strict=True)
+            per_run = [(cpu_i / ffmpeg[0], wall_i / ffmpeg[1]) for (cpu_i, wall_i, _), ffmpeg in rounds]
             rows.append(dict(video=video.name, tool=tool, cpu=cpu, wall=wall, rss=rss, rate=rate, half=half,
+                             cpu_ratios=[c for c, _ in per_run], wall_ratios=[w for _, w in per_run],
                              **facts[tool]))  # fmt: skip
     return rows
 
@@ -201,7 +205,8 @@ def render(rows: list[dict], runs: int) -> str:
         return next(r for r in rows if r["video"] == video and r["tool"] == tool)
 
     def ratio(video: str, column: str, tool: str = WORKER) -> float:
-        return row(video, tool)[column] / row(video, "ffmpeg CLI")[column]
+        """The median over rounds of `tool`'s figure over the ffmpeg CLI's in the same round."""
+        return statistics.median(row(video, tool)[f"{column}_ratios"])
 
     table = [
         "| video | tool | sampled at | frames | decoded | strategy | max error s | CPU s (user+sys) | "
@@ -209,20 +214,20 @@ def render(rows: list[dict], runs: int) -> str:
         "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ffmpeg = row(r["video"], "ffmpeg CLI")
         error = f"{r['max_error']:.3f}" if "max_error" in r else ""
         table.append(
             f"| {r['video']} | {r['tool']} | {r['rate']} fps | {r['frames']} | {r.get('decoded', '')} | "
             f"{r.get('strategy', '')} | "
             f"{error} | {r['cpu']:.2f} | {r['wall']:.2f} | {r['rss']:.0f} | "
-            f"{r['cpu'] / ffmpeg['cpu']:.2f}x | {r['wall'] / ffmpeg['wall']:.2f}x |"
+            f"{ratio(r['video'], 'cpu', r['tool']):.2f}x | {ratio(r['video'], 'wall', r['tool']):.2f}x |"
         )
 
     def summary(v: Input) -> str:
         worker, half = row(v.name, WORKER), row(v.name, "ffmpeg CLI")["half"]
         line = (
-            f"- {v.name}: `{worker['strategy']}`, CPU {ratio(v.name, 'cpu'):.2f}x and wall "
-            f"{ratio(v.name, 'wall'):.2f}x the ffmpeg CLI's as the worker decodes (target {v.target}); one "
+            f"- {v.name}: `{worker['strategy']}`, CPU {ratio(v.name, 'cpu'):.2f}x (rounds: "
+            f"{', '.join(f'{r:.2f}' for r in worker['cpu_ratios'])}) and wall {ratio(v.name, 'wall'):.2f}x "
+            f"the ffmpeg CLI's as the worker decodes (target {v.target}); one "
             f"pass on FFmpeg's threads (before) CPU {ratio(v.name, 'cpu', FRAME_THREADS):.2f}x, wall "
             f"{ratio(v.name, 'wall', FRAME_THREADS):.2f}x; one pass on 1 thread CPU "
             f"{ratio(v.name, 'cpu', ONE_THREAD):.2f}x, wall {ratio(v.name, 'wall', ONE_THREAD):.2f}x"
@@ -244,7 +249,8 @@ def render(rows: list[dict], runs: int) -> str:
             SECTION,
             "",
             f"Run on {datetime.date.today().isoformat()} with `python bench/decode.py --runs {runs}`: "
-            f"median of {runs} run(s) per row, each in its own child process.",
+            f"median of {runs} run(s) per row, each in its own child process; the ratios are medians of "
+            "each round's ratio to the ffmpeg CLI's run in that round (the tools run interleaved).",
             "",
             f"- Machine: {platform.machine()} CPU, `nproc` = {len(os.sched_getaffinity(0))}, no GPU "
             f"({platform.platform()}).",
