@@ -45,6 +45,7 @@ from worker.engine.generate import (
 )
 from worker.engine.models import LoadedModel
 from worker.engine.prompt import build_followup, build_prompt
+from worker.engine.steps import StepFactory, Steps, drive, run_here
 from worker.engine.storage import (
     ArtifactKey,
     ArtifactStore,
@@ -54,7 +55,7 @@ from worker.engine.storage import (
     settings_hash,
 )
 from worker.engine.timing import StageTimer
-from worker.engine.vision import encode_video
+from worker.engine.vision import encode_steps
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,6 @@ def use_adaretake_attention(loaded: LoadedModel) -> None:
         language_model.set_attn_implementation(ATTENTION_NAME)
 
 
-@torch.inference_mode()
 def compress_video(
     loaded: LoadedModel,
     video_path: str | Path,
@@ -79,7 +79,25 @@ def compress_video(
     on_frame: Callable[[SampledFrame], None] | None = None,
     features: VisionFeatures | None = None,
 ) -> CompressedKV:
-    """Run AdaReTaKe's compressed prefill over a video.
+    """Run AdaReTaKe's compressed prefill over a video, in this thread: `compress_steps` run to completion."""
+    return drive(compress_steps(loaded, video_path, config, guide_question=guide_question, metadata=metadata,
+                                on_progress=on_progress, on_frame=on_frame, features=features))  # fmt: skip
+
+
+@torch.inference_mode()
+def compress_steps(
+    loaded: LoadedModel,
+    video_path: str | Path,
+    config: CompressionConfig = CompressionConfig(),
+    *,
+    guide_question: str | None = None,
+    metadata: dict | None = None,
+    on_progress: Callable[[str, float], None] | None = None,
+    on_frame: Callable[[SampledFrame], None] | None = None,
+    features: VisionFeatures | None = None,
+) -> Steps[CompressedKV]:
+    """Run AdaReTaKe's compressed prefill over a video, one vision slice or one prefill chunk per step
+    (`worker.engine.steps`).
 
     Args:
         guide_question (str): score with this question instead of the configured guide prompt
@@ -97,7 +115,7 @@ def compress_video(
     timer = StageTimer()
     progress = on_progress or (lambda stage, fraction: None)
     if features is None:
-        features = encode_video(
+        features = yield from encode_steps(
             loaded, video_path, config.sampling, timer=timer, on_progress=progress, on_frame=on_frame
         )
     else:
@@ -165,6 +183,7 @@ def compress_video(
             kept_per_chunk.append(keep)
         offset += num_video
         progress("prefilling", (index + 1) / len(chunk_tokens))
+        yield None
 
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
@@ -247,6 +266,7 @@ def get_or_compress(
     on_frame: Callable[[SampledFrame], None] | None = None,
     lock: BuildLock | None = None,
     video_hash: str | None = None,
+    run: Callable[[StepFactory], object] = run_here,
 ) -> IndexResult:
     """The video's artifact from `store`, compressing and storing it first when absent or corrupt.
 
@@ -254,27 +274,26 @@ def get_or_compress(
         lock: single flight across workers (see `worker.engine.storage.get_or_build`); None in a lone process.
         video_hash (str): the file's sha256 when already known (an upload hashed on arrival), else computed.
         on_progress, on_frame: as for `compress_video`; only called when the artifact is compressed now.
+        run: runs the model's work (`run_here`, or a `Scheduler`'s `run`); hashing, loading and storing
+            happen in this thread.
     """
     timer = StageTimer()
     if video_hash is None:
         with timer.stage("hash"):
             video_hash = file_sha256(video_path)
     key = artifact_key(loaded, video_hash, config)
+    progress = on_progress or _no_progress
 
     def build() -> CompressedKV:
-        features = encode_video(
-            loaded, video_path, config.sampling, on_progress=on_progress, on_frame=on_frame
-        )
+        features = run(lambda relay: encode_steps(
+            loaded, video_path, config.sampling, on_progress=relay(progress), on_frame=on_frame
+        ))  # fmt: skip
         with timer.stage("store"):  # before the artifact, whose index entry counts both files
             store.put_features(key, features)
-        artifact = compress_video(
-            loaded,
-            video_path,
-            config,
-            metadata={"video_hash": video_hash},
-            on_progress=on_progress,
+        artifact = run(lambda relay: compress_steps(
+            loaded, video_path, config, metadata={"video_hash": video_hash}, on_progress=relay(progress),
             features=features,
-        )
+        ))  # fmt: skip
         artifact.metadata["report"]["seconds"] |= features.metadata["seconds"]
         return artifact
 
@@ -294,10 +313,12 @@ def compress_for_question(
     *,
     video_hash: str | None = None,
     on_progress: Callable[[str, float], None] | None = None,
+    run: Callable[[StepFactory], object] = run_here,
 ) -> tuple[CompressedKV, bool]:
     """Compress with `question` as the guide prompt (the paper's mode; the result is not stored), from the
     vision features the index step kept in `store` when it has them -> (artifact, whether they were reused).
-    Without them (never indexed, evicted, damaged) the video is decoded and encoded again."""
+    Without them (never indexed, evicted, damaged) the video is decoded and encoded again. `run` as for
+    `get_or_compress`."""
     timer = StageTimer()
     if video_hash is None:
         with timer.stage("hash"):
@@ -308,11 +329,16 @@ def compress_for_question(
         except ArtifactError as error:
             logger.warning("vision features refused, decoding the video again: %s", error)
             features = None
-    artifact = compress_video(
-        loaded, video_path, config, guide_question=question, on_progress=on_progress, features=features
-    )
+    progress = on_progress or _no_progress
+    artifact = run(lambda relay: compress_steps(
+        loaded, video_path, config, guide_question=question, on_progress=relay(progress), features=features
+    ))  # fmt: skip
     artifact.metadata["report"]["seconds"] |= dict(timer.seconds)
     return artifact, features is not None
+
+
+def _no_progress(stage: str, fraction: float) -> None:
+    pass
 
 
 # ---- answering from the artifact -------------------------------------------------------------------
@@ -351,6 +377,72 @@ def cache_from_artifact(loaded: LoadedModel, artifact: CompressedKV, extra_token
     return cache
 
 
+@dataclass
+class QuestionPrefill:
+    """A question prefilled after a cached video, ready to decode.
+
+    Args:
+        cache (Cache): the artifact's copy, the question appended, room for the answer.
+        logits (torch.Tensor): `[vocab]` float32 logits of the prompt's last token.
+        next_position (int): M-RoPE position of the first generated token.
+        evidence (EvidenceScratch): collects where the question (and then the answer) attended.
+    """
+
+    cache: Cache
+    logits: torch.Tensor
+    next_position: int
+    evidence: EvidenceScratch
+    prompt_ids: list[int]
+    history_turns: int
+    text0: int
+
+
+@torch.inference_mode()
+def prefill_question(
+    loaded: LoadedModel,
+    artifact: CompressedKV,
+    question: str,
+    *,
+    max_new_tokens: int = 128,
+    history: Sequence[tuple[str, str]] = (),
+    max_history_tokens: int = 2048,
+) -> QuestionPrefill:
+    """Prefill the conversation's history and the question after the cached video, at their real positions,
+    into a fresh copy of the artifact's cache with room for `max_new_tokens` (the artifact is untouched)."""
+    use_adaretake_attention(loaded)
+    text0 = int((artifact.token_frames[0] < 0).sum())
+    evidence = EvidenceScratch(video_slices={i: slice(text0, n) for i, n in enumerate(artifact.lengths)})
+    prompt, history_turns = build_followup(loaded.tokenizer, question, history, max_history_tokens)
+    text1 = prompt.text1_ids
+    cache = cache_from_artifact(loaded, artifact, extra_tokens=len(text1) + max_new_tokens)
+    positions = (artifact.next_position + torch.arange(len(text1), device=loaded.device)).expand(3, -1)
+    logits = forward(loaded, embed_tokens(loaded, text1), positions, cache, evidence=evidence)
+    return QuestionPrefill(cache, logits, artifact.next_position + len(text1), evidence, text1, history_turns,
+                           text0)  # fmt: skip
+
+
+def finish_answer(
+    loaded: LoadedModel,
+    artifact: CompressedKV,
+    prefill: QuestionPrefill,
+    token_ids: list[int],
+    timings: dict[str, float],
+    top_k: int = 5,
+) -> CachedAnswer:
+    """The answer's text and its evidence: where in the video the question and answer tokens looked."""
+    started = time.perf_counter()
+    timeline = evidence_timeline(artifact, prefill.evidence.video_mass(), prefill.text0)
+    return CachedAnswer(
+        text=loaded.tokenizer.decode(token_ids, skip_special_tokens=True),
+        token_ids=token_ids,
+        timeline=timeline,
+        top_moments=sorted(timeline, key=lambda item: -item[1])[:top_k],
+        timings={**timings, "evidence": time.perf_counter() - started},
+        prompt_ids=prefill.prompt_ids,
+        history_turns=prefill.history_turns,
+    )
+
+
 @torch.inference_mode()
 def answer_from_artifact(
     loaded: LoadedModel,
@@ -365,46 +457,27 @@ def answer_from_artifact(
     max_history_tokens: int = 2048,
 ) -> CachedAnswer:
     """Prefill the question after the cached video at its real positions, decode greedily, and measure
-    where in the video the question and answer tokens looked.
+    where in the video the question and answer tokens looked: one answer, in this thread.
 
     Args:
         history: the conversation's earlier (question, answer) exchanges, oldest first: placed between the
             video and the question, the newest that fit `max_history_tokens`."""
-    use_adaretake_attention(loaded)
     started = time.perf_counter()
-    text0 = int((artifact.token_frames[0] < 0).sum())
-    evidence = EvidenceScratch(video_slices={i: slice(text0, n) for i, n in enumerate(artifact.lengths)})
-    prompt, history_turns = build_followup(loaded.tokenizer, question, history, max_history_tokens)
-    text1 = prompt.text1_ids
-    cache = cache_from_artifact(loaded, artifact, extra_tokens=len(text1) + max_new_tokens)
-    positions = (artifact.next_position + torch.arange(len(text1), device=loaded.device)).expand(3, -1)
-    logits = forward(loaded, embed_tokens(loaded, text1), positions, cache, evidence=evidence)
+    prefill = prefill_question(loaded, artifact, question, max_new_tokens=max_new_tokens, history=history,
+                               max_history_tokens=max_history_tokens)  # fmt: skip
     prefilled = time.perf_counter()
     token_ids = greedy_decode(
         loaded,
-        cache,
-        logits,
-        artifact.next_position + len(text1),
+        prefill.cache,
+        prefill.logits,
+        prefill.next_position,
         max_new_tokens,
         on_text,
         on_step,
-        evidence=evidence,
+        evidence=prefill.evidence,
     )
-    generated = time.perf_counter()
-    timeline = evidence_timeline(artifact, evidence.video_mass(), text0)
-    return CachedAnswer(
-        text=loaded.tokenizer.decode(token_ids, skip_special_tokens=True),
-        token_ids=token_ids,
-        timeline=timeline,
-        top_moments=sorted(timeline, key=lambda item: -item[1])[:top_k],
-        timings={
-            "prefill": prefilled - started,
-            "generate": generated - prefilled,
-            "evidence": time.perf_counter() - generated,
-        },
-        prompt_ids=text1,
-        history_turns=history_turns,
-    )
+    timings = {"prefill": prefilled - started, "generate": time.perf_counter() - prefilled}
+    return finish_answer(loaded, artifact, prefill, token_ids, timings, top_k)
 
 
 def evidence_timeline(

@@ -167,6 +167,58 @@ class IncrementalText:
         return delta
 
 
+class GreedyStream:
+    """Greedy decoding one step at a time: the token each step's logits choose, its text streamed, and when
+    the answer ends (an end-of-turn token, or `max_new_tokens`). `greedy_decode` feeds it from one cache;
+    the scheduler feeds one per row of a batched decode step.
+
+    Args:
+        on_text: receives decoded text as it is generated.
+        on_step: receives each step's logits `[vocab]` (float32), the prefill's included.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_new_tokens: int,
+        on_text: Callable[[str], None] | None = None,
+        on_step: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        self.text = IncrementalText(loaded.tokenizer)
+        self.eos_token_ids = loaded.eos_token_ids
+        self.max_new_tokens = max_new_tokens
+        self.on_text = on_text
+        self.on_step = on_step
+        self.done = False
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Generated token ids, without the end-of-turn token."""
+        return self.text.token_ids
+
+    def push(self, logits: torch.Tensor) -> int | None:
+        """The token to feed next, chosen by `logits` `[vocab]`; None once the answer is complete."""
+        if len(self.token_ids) >= self.max_new_tokens:
+            return self._finish()
+        if self.on_step is not None:
+            self.on_step(logits)
+        token_id = int(logits.argmax())
+        if token_id in self.eos_token_ids:
+            return self._finish()
+        self._emit(self.text.push(token_id))
+        if len(self.token_ids) == self.max_new_tokens:
+            return self._finish()
+        return token_id
+
+    def _finish(self) -> None:
+        self._emit(self.text.finish())
+        self.done = True
+
+    def _emit(self, delta: str) -> None:
+        if delta and self.on_text is not None:
+            self.on_text(delta)
+
+
 @torch.inference_mode()
 def greedy_decode(
     loaded: LoadedModel,
@@ -185,26 +237,16 @@ def greedy_decode(
         logits (torch.Tensor): `[vocab]` logits of the last prefilled token.
         next_position (int): M-RoPE position of the first generated token (a text position, equal on
             all 3 axes).
-        on_text: receives decoded text as it is generated.
-        on_step: receives each step's logits `[vocab]` (float32), the prefill's included.
+        on_text, on_step: as for `GreedyStream`.
         forward_kwargs: passed to every decoding step's forward (and so to the attention function).
 
     Returns:
         list[int]: generated token ids, without the end-of-turn token.
     """
-    text = IncrementalText(loaded.tokenizer)
-    for step in range(max_new_tokens):
-        if on_step is not None:
-            on_step(logits)
-        token_id = int(logits.argmax())
-        if token_id in loaded.eos_token_ids:
-            break
-        if (delta := text.push(token_id)) and on_text is not None:
-            on_text(delta)
-        if step + 1 == max_new_tokens:
-            break
-        position = torch.full((3, 1), next_position + step, device=loaded.device)
+    stream = GreedyStream(loaded, max_new_tokens, on_text, on_step)
+    token_id = stream.push(logits)
+    while token_id is not None:
+        position = torch.full((3, 1), next_position + len(stream.token_ids) - 1, device=loaded.device)
         logits = forward(loaded, embed_tokens(loaded, [token_id]), position, cache, **forward_kwargs)
-    if (delta := text.finish()) and on_text is not None:
-        on_text(delta)
-    return text.token_ids
+        token_id = stream.push(logits)
+    return stream.token_ids

@@ -66,6 +66,13 @@ class Prefetcher(Generic[T]):
             raise item.error
         return item
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until `next()` would not block (an item, the end or an error is queued), at most `timeout`
+        seconds; whether it would not."""
+        # queue.Queue's own condition, notified on every put; its lock is the queue's (so no qsize() here)
+        with self._queue.not_empty:
+            return self._done or self._queue.not_empty.wait_for(lambda: len(self._queue.queue) > 0, timeout)
+
     def close(self) -> None:
         """Stop the producer (if it still runs) and wait for its thread to end."""
         self._stop.set()

@@ -21,6 +21,7 @@ from worker.engine.features import VideoLayout, VisionFeatures
 from worker.engine.models import LoadedModel
 from worker.engine.pipeline import Prefetcher
 from worker.engine.preprocess import normalisation_table, patchify_frames
+from worker.engine.steps import Blocked, Steps, drive
 from worker.engine.timing import StageTimer
 
 VISION_SLICE_GRIDS = 16  # temporal grids per vision forward in `encode_video`: 32 frames, one default chunk
@@ -52,7 +53,8 @@ def encode_slices(
     timer: StageTimer | None = None,
     on_frames: Callable[[int], None] | None = None,
     prefetch: int = PREFETCH_SLICES,
-) -> Iterator[VideoSlice]:
+    poll: bool = False,
+) -> Iterator[VideoSlice | Blocked]:
     """Vision-encode `frames` in slices of `slice_grids` temporal grids. Decoding and preprocessing run
     ahead in a thread (`Prefetcher`), at most `prefetch` slices ahead, while the tower encodes; close the
     generator (or exhaust it) to stop that thread.
@@ -64,11 +66,26 @@ def encode_slices(
         timer (StageTimer): charged with "decode" (waiting on `frames`) and "preprocess" (patchify), both in
             the thread, "vision" (the tower) and "wait" (the tower waiting for the thread).
         on_frames: called with the number of frames in each slice, for progress reporting.
+        poll (bool): yield a `Blocked` instead of waiting when the next slice is not decoded yet, so that
+            the caller can do other work meanwhile (see `worker.engine.steps`); its wait is charged to "wait".
     """
     timer = timer or StageTimer()
     batches = _patchified(frames, loaded, slice_grids * loaded.vision.temporal_patch_size, timer)
     with Prefetcher(batches, depth=prefetch, name=DECODE_THREAD) as ready:
-        for inputs, timestamps in timer.timed("wait", ready):
+
+        def wait(timeout: float | None) -> bool:
+            with timer.stage("wait"):
+                return ready.wait_ready(timeout)
+
+        while True:
+            if poll and not ready.wait_ready(0):
+                yield Blocked(wait)
+                continue
+            with timer.stage("wait"):
+                batch = next(ready, None)
+            if batch is None:
+                return
+            inputs, timestamps = batch
             with timer.stage("vision"):
                 pixels = inputs.pixel_values_videos.to(loaded.device, loaded.dtype)
                 grid = inputs.video_grid_thw.to(loaded.device)
@@ -120,7 +137,6 @@ def video_layout(loaded: LoadedModel, video_path, sampling: SamplingConfig) -> V
     )
 
 
-@torch.inference_mode()
 def encode_video(
     loaded: LoadedModel,
     video_path: str | Path,
@@ -130,8 +146,23 @@ def encode_video(
     on_progress: Callable[[str, float], None] | None = None,
     on_frame: Callable[[SampledFrame], None] | None = None,
 ) -> VisionFeatures:
-    """Decode and vision-encode a video once. The embeddings are gathered on the CPU (so accelerator memory
-    stays bounded by one slice), in the model's dtype.
+    """Decode and vision-encode a video once, in this thread: `encode_steps` run to completion."""
+    return drive(encode_steps(loaded, video_path, sampling, timer=timer, on_progress=on_progress,
+                              on_frame=on_frame))  # fmt: skip
+
+
+def encode_steps(
+    loaded: LoadedModel,
+    video_path: str | Path,
+    sampling: SamplingConfig,
+    *,
+    timer: StageTimer | None = None,
+    on_progress: Callable[[str, float], None] | None = None,
+    on_frame: Callable[[SampledFrame], None] | None = None,
+) -> Steps[VisionFeatures]:
+    """Decode and vision-encode a video once, one vision slice per step (`worker.engine.steps`). The
+    embeddings are gathered on the CPU (so accelerator memory stays bounded by one slice), in the model's
+    dtype.
 
     Args:
         timer (StageTimer): charged with "decode" and "vision".
@@ -147,12 +178,16 @@ def encode_video(
     frames = decoded if on_frame is None else _tapped(decoded, on_frame)
     pieces, timestamps = [], []
     # Closed on any exit, so the decoding thread stops with it (an early exit leaves it suspended).
-    slices = encode_slices(loaded, frames, slice_grids=VISION_SLICE_GRIDS, timer=timer)
+    slices = encode_slices(loaded, frames, slice_grids=VISION_SLICE_GRIDS, timer=timer, poll=True)
     with contextlib.closing(decoded), contextlib.closing(slices):
         for piece in slices:
+            if isinstance(piece, Blocked):
+                yield piece
+                continue
             pieces.append(piece.embeds.cpu())
             timestamps.extend(piece.timestamps)
             progress("encoding", len(timestamps) / max(1, layout.num_frames))
+            yield None
     return VisionFeatures(
         embeds=torch.cat(pieces),
         timestamps=timestamps,
