@@ -333,11 +333,19 @@ def adaretake_attention(module, query, key, value, attention_mask, scaling=None,
     """SDPA with a mask built from THIS layer's key length, plus optional scoring.
 
     A `ChunkScratch` in kwargs["adaretake"] collects prompt-to-video scores; an `EvidenceScratch` in
-    kwargs["evidence"] collects attention mass on cached video tokens.
+    kwargs["evidence"] collects attention mass on cached video tokens; a `BatchedCache` in kwargs["batch"]
+    (one decoded token per row) masks each row's padding and hands each row's attention to its evidence.
     """
     chunk: ChunkScratch | None = kwargs.pop("adaretake", None)
     evidence: EvidenceScratch | None = kwargs.pop("evidence", None)
+    batch = kwargs.pop("batch", None)
     q_len, kv_len = query.shape[2], key.shape[2]
+    if batch is not None:
+        batch.observe(module.layer_idx, query, key, scaling)
+        mask = batch.key_mask(module.layer_idx)
+        return sdpa_attention_forward(
+            module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if chunk is not None:
         chunk.scores[module.layer_idx] = prompt_to_video_scores(
             query, key, chunk.num_video, chunk.num_prompt, scaling
