@@ -209,6 +209,7 @@ class Scheduler:
         self._index_seconds = 0.0
         self.steps = 0  # batched decode steps so far
         self.rows_decoded = 0  # answers' tokens those steps decoded (rows_decoded / steps: the mean batch)
+        self.decode_seconds = 0.0  # time in those steps
 
     # ---- the submitter's side ----------------------------------------------------------------------------
 
@@ -435,6 +436,7 @@ class Scheduler:
         if not self._active:
             return False
         active = self._active
+        started = time.perf_counter()
         try:
             logits = decode_step(
                 self.loaded, self._batch, [a.next_token for a in active], [a.position for a in active]
@@ -445,6 +447,7 @@ class Scheduler:
             for answer in active:
                 answer.request.finish(error=error)
             return True
+        self.decode_seconds += time.perf_counter() - started  # logits on the CPU: the step has finished
         self.steps += 1
         self.rows_decoded += len(active)
         done = []
