@@ -68,20 +68,10 @@ def use_adaretake_attention(loaded: LoadedModel) -> None:
         language_model.set_attn_implementation(ATTENTION_NAME)
 
 
-def compress_video(
-    loaded: LoadedModel,
-    video_path: str | Path,
-    config: CompressionConfig = CompressionConfig(),
-    *,
-    guide_question: str | None = None,
-    metadata: dict | None = None,
-    on_progress: Callable[[str, float], None] | None = None,
-    on_frame: Callable[[SampledFrame], None] | None = None,
-    features: VisionFeatures | None = None,
-) -> CompressedKV:
-    """Run AdaReTaKe's compressed prefill over a video, in this thread: `compress_steps` run to completion."""
-    return drive(compress_steps(loaded, video_path, config, guide_question=guide_question, metadata=metadata,
-                                on_progress=on_progress, on_frame=on_frame, features=features))  # fmt: skip
+def compress_video(*args, **kwargs) -> CompressedKV:
+    """Run AdaReTaKe's compressed prefill over a video, in this thread: `compress_steps` (same arguments) run
+    to completion."""
+    return drive(compress_steps(*args, **kwargs))
 
 
 @torch.inference_mode()

@@ -137,18 +137,10 @@ def video_layout(loaded: LoadedModel, video_path, sampling: SamplingConfig) -> V
     )
 
 
-def encode_video(
-    loaded: LoadedModel,
-    video_path: str | Path,
-    sampling: SamplingConfig,
-    *,
-    timer: StageTimer | None = None,
-    on_progress: Callable[[str, float], None] | None = None,
-    on_frame: Callable[[SampledFrame], None] | None = None,
-) -> VisionFeatures:
-    """Decode and vision-encode a video once, in this thread: `encode_steps` run to completion."""
-    return drive(encode_steps(loaded, video_path, sampling, timer=timer, on_progress=on_progress,
-                              on_frame=on_frame))  # fmt: skip
+def encode_video(*args, **kwargs) -> VisionFeatures:
+    """Decode and vision-encode a video once, in this thread: `encode_steps` (same arguments) run to
+    completion."""
+    return drive(encode_steps(*args, **kwargs))
 
 
 def encode_steps(
