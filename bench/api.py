@@ -51,7 +51,7 @@ from redis import Redis
 
 from service.contract import GPU_QUEUE, JobStatus, Keys, VideoStatus
 from service.records import Records
-from worker.serve import free_port
+from worker.tools.serve import free_port
 
 ROOT = Path(__file__).resolve().parents[1]  # as common.ROOT: common itself is imported late (see main)
 SECTION = "## API (bench/api.py)"

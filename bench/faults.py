@@ -53,7 +53,7 @@ def main() -> None:
     targets = set(args.cases.split(","))
     cases = [c for c in WORKER_CASES + REDIS_CASES if c[0] in targets]
 
-    from worker.tiny import make_tiny
+    from worker.tools.tiny import make_tiny
 
     started = time.monotonic()
     results: dict[str, list[Outcome]] = {}

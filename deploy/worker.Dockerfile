@@ -28,7 +28,7 @@ RUN groupadd --system --gid 10001 videoqa \
     && mkdir -p /data /models \
     && chown videoqa:videoqa /data /models
 
-# jemalloc, preloaded below: the allocator the worker's memory is measured on (worker/allocator.py).
+# jemalloc, preloaded below: the allocator the worker's memory is measured on (worker/serving/allocator.py).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libjemalloc2 \
     && rm -rf /var/lib/apt/lists/*
@@ -55,10 +55,10 @@ ENV LD_PRELOAD=libjemalloc.so.2 \
 USER 10001:10001
 WORKDIR /home/videoqa
 
-# The pool is prefork with one child, as worker/celery_app.py configures it: only prefork enforces
+# The pool is prefork with one child, as worker/serving/celery_app.py configures it: only prefork enforces
 # VIDEOQA_TASK_TIME_LIMIT (the solo pool ignores time limits) and replaces a child that crashed.
 # No HEALTHCHECK: a worker whose model does not load exits (and is restarted), a stuck task is killed by
 # the time limit, and the heartbeat in Redis is what the API's /readyz reports.
 # Celery's warm shutdown on SIGTERM finishes the current task; give it time (stop_grace_period in compose,
 # terminationGracePeriodSeconds in Kubernetes). acks_late re-queues a task whose worker was killed.
-CMD ["celery", "-A", "worker.celery_app", "worker", "-Q", "gpu", "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO"]
+CMD ["celery", "-A", "worker.serving.celery_app", "worker", "-Q", "gpu", "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO"]

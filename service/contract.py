@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # ---- task names: the API enqueues by name (celery_app.send_task), never by importing worker code -----
 
+# The names once matched the tasks' module (now worker.serving.tasks); they stay as they are, so messages
+# already queued under them still route.
 INDEX_TASK = "worker.tasks.index_video"
 ANSWER_TASK = "worker.tasks.answer"
 GPU_QUEUE = "gpu"

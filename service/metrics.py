@@ -77,7 +77,7 @@ class RedisCollector(Collector):
         )
 
 
-# The Records counter hashes read at each scrape (see service.records and worker/tasks.py).
+# The Records counter hashes read at each scrape (see service.records and worker/serving/tasks.py).
 _COUNTERS = ("jobs", "videos", "cache", "artifact_bytes", "engine")
 
 

@@ -296,7 +296,8 @@ class Records:
     def release_artifact(self, artifact_key: str, video_id: str) -> bool:
         """`video_id` (being deleted) no longer uses the artifact. True when no video does any more and no
         worker is rebuilding it: its index entry, LRU entry and byte count are gone, the caller deletes the
-        file. The workers' disk tier (worker/tiers.py) adds the index entries; `update_video` the users."""
+        file. The workers' disk tier (worker/serving/tiers.py) adds the index entries; `update_video` the
+        users."""
         users_key, index_key = self.keys.artifact_users(artifact_key), self.keys.artifact(artifact_key)
         lock_key = self.keys.lock(artifact_key)
         with self.client.pipeline() as pipe:

@@ -1,11 +1,11 @@
 """The stale-job reaper: no job stays queued or running after the worker that held it died.
 
-A worker holds a lease on each job it runs (`Keys.job_lease`, renewed every few seconds: worker/leases.py);
-a job waiting its turn has its message in the GPU queue. A job that has neither, on two sweeps in a row
-and for longer than a lease lives, has lost its worker (SIGKILL, a lost machine, a Redis restart that took
-the message with it). The reaper then sends its task again, or, after `VIDEOQA_JOB_ATTEMPTS` recoveries,
-fails it with code "worker_lost" (an index job fails its video too). Tasks are idempotent, so a late
-duplicate of a message (Redis redelivers unacknowledged ones after its visibility timeout) finds the job
+A worker holds a lease on each job it runs (`Keys.job_lease`, renewed every few seconds:
+worker/serving/leases.py); a job waiting its turn has its message in the GPU queue. A job that has neither, on
+two sweeps in a row and for longer than a lease lives, has lost its worker (SIGKILL, a lost machine, a Redis
+restart that took the message with it). The reaper then sends its task again, or, after `VIDEOQA_JOB_ATTEMPTS`
+recoveries, fails it with code "worker_lost" (an index job fails its video too). Tasks are idempotent, so a
+late duplicate of a message (Redis redelivers unacknowledged ones after its visibility timeout) finds the job
 finished and does nothing; a duplicate that arrives while the job runs finds its lease taken.
 
 Redis as the broker has no consumer liveness of its own (a message a dead worker took waits for the

@@ -328,16 +328,17 @@ def test_worker_image_matches_pyproject_and_contract():
     [torch_pin] = [requirement for requirement in extras["worker"] if requirement.startswith("torch==")]
     assert ("RUN", f"pip install {torch_pin}") in instructions, f"pyproject.toml pins {torch_pin}"
     command = json.loads(instruction(instructions, "CMD"))
-    assert command[:4] == ["celery", "-A", "worker.celery_app", "worker"]
+    assert command[:4] == ["celery", "-A", "worker.serving.celery_app", "worker"]
     assert command[command.index("-Q") + 1] == GPU_QUEUE
     assert command[command.index("--concurrency") + 1] == "1"
     # The pool the worker's own configuration is written for (it decides whether time limits hold).
-    from worker.celery_app import celery_config
+    from worker.serving.celery_app import celery_config
 
     assert command[command.index("--pool") + 1] == celery_config(Settings())["worker_pool"]
     env = image_env(instructions)
     assert env["HF_HUB_OFFLINE"] == "1" and env["VIDEOQA_MODEL"].startswith("/models/")
-    # The allocator the worker is measured on (worker/allocator.py), installed from the base's packages.
+    # The allocator the worker is measured on (worker/serving/allocator.py), installed from the base's
+    # packages.
     runs = " ".join(arguments for name, arguments in instructions if name == "RUN")
     assert re.search(r"apt-get install [^&]*\blibjemalloc2\b", runs)
     assert env["LD_PRELOAD"] == "libjemalloc.so.2"

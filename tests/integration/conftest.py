@@ -55,8 +55,8 @@ class Stack:
     def start_worker(self, pool: str = "solo", timeout: float = 90) -> None:
         """A Celery worker; `pool="prefork"` for a parent process with one child that runs the tasks."""
         self.worker = self._spawn(
-            "worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu",
-                       "--concurrency", "1", "--pool", pool, "--loglevel", "INFO"]
+            "worker", [sys.executable, "-m", "celery", "-A", "worker.serving.celery_app", "worker",
+                       "-Q", "gpu", "--concurrency", "1", "--pool", pool, "--loglevel", "INFO"]
         )  # fmt: skip
         self.wait_until(lambda: httpx.get(f"{self.base_url}/readyz").status_code == 200, "a worker is ready",
                         timeout)  # fmt: skip
@@ -127,7 +127,7 @@ def videoqa_serve(directory: Path, model: Path, preset: str | None = "tiny", **s
     env = {key: value for key, value in os.environ.items() if not key.startswith("VIDEOQA_")}
     env.update(VIDEOQA_DEVICE="cpu", **({"VIDEOQA_PRESET": preset} if preset else {}))
     env.update({f"VIDEOQA_{name.upper()}": value for name, value in settings.items()})
-    args = [sys.executable, "-m", "worker.cli", "serve", "--port", str(port), "--model", str(model),
+    args = [sys.executable, "-m", "worker.tools.cli", "serve", "--port", str(port), "--model", str(model),
             "--data-dir", str(directory / "data")]  # fmt: skip
     log_path = directory / "serve.log"
     log = log_path.open("wb")

@@ -45,6 +45,6 @@ def test_readme_walkthrough_runs_verbatim(served, tmp_path):
     assert '"history_turns":1' in out  # the follow-up's prompt held the first exchange
     assert "event: done" in out
     assert out.rstrip().endswith("204")
-    # The worker `serve` started runs on jemalloc where the machine has it (worker/allocator.py).
+    # The worker `serve` started runs on jemalloc where the machine has it (worker/serving/allocator.py).
     log = (tmp_path / "serve.log").read_text()
     assert ("model loaded, jemalloc," if find_library("jemalloc") else "libjemalloc not found") in log

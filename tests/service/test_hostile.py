@@ -142,7 +142,7 @@ def test_openapi_states_the_question_limits():
 
 
 def test_a_short_task_time_limit_still_leaves_the_task_time_to_work():
-    from worker.celery_app import celery_config
+    from worker.serving.celery_app import celery_config
 
     assert Settings(task_time_limit=61).soft_time_limit == pytest.approx(54.9)
     assert Settings(task_time_limit=3600).soft_time_limit == 3540

@@ -176,7 +176,7 @@ def test_heartbeats_and_counters(records, client):
 
 
 def index_artifact(client, name: str, size: int) -> None:
-    """What the workers' disk tier does when it writes an artifact (worker/tiers.py)."""
+    """What the workers' disk tier does when it writes an artifact (worker/serving/tiers.py)."""
     client.hset(f"t:artifact:{name}", mapping={"bytes": json.dumps(size), "tier": json.dumps("disk")})
     client.zadd("t:artifacts:lru", {name: time.time()})
     client.hincrbyfloat("t:metrics:artifact_bytes", "disk", size)

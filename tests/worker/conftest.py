@@ -3,7 +3,7 @@
 import pytest
 
 from service.contract import Settings
-from worker.runtime import WorkerRuntime
+from worker.serving.runtime import WorkerRuntime
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Where compressed-KV artifacts live: a key, a small store interface, and a directory of files.
 
 In the spirit of LMCache's storage backends: the engine depends on `ArtifactStore` only, and tiers (this
-disk store; the in-process LRU and the Redis-indexed disk tier of worker/tiers.py) are implementations
+disk store; the in-process LRU and the Redis-indexed disk tier of worker/serving/tiers.py) are implementations
 behind it. `get_or_build` is the read-through every caller uses: look up, else build once and store.
 """
 
@@ -217,7 +217,7 @@ class BuildLease(Protocol):
 
 
 # A lock factory for `get_or_build`: a context manager per key, entered once the caller may build the
-# artifact (worker/tiers.py `SingleFlight`: a Redis lease with a fencing token).
+# artifact (worker/serving/tiers.py `SingleFlight`: a Redis lease with a fencing token).
 BuildLock = Callable[[ArtifactKey], contextlib.AbstractContextManager[BuildLease]]
 
 

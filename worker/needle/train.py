@@ -46,7 +46,7 @@ from worker.needle.videos import (
     random_spec,
     render_frame,
 )
-from worker.tiny import build_tiny_model, build_tokenizer, save_checkpoint, tiny_config
+from worker.tools.tiny import build_tiny_model, build_tokenizer, save_checkpoint, tiny_config
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 SETTINGS_FILE = "videoqa.json"

@@ -5,10 +5,10 @@ import json
 import pytest
 
 from service.contract import Settings
-from worker.cli import _compression_config, build_parser
 from worker.engine.adaretake import PRESETS, CompressionConfig
 from worker.engine.checkpoint_settings import SETTINGS_FILE, read_checkpoint_settings, with_settings
-from worker.runtime import compression_config
+from worker.serving.runtime import compression_config
+from worker.tools.cli import _compression_config, build_parser
 
 CARRIED = {"sampling": {"fps": 1.0, "long_side": 112}, "guide_prompt": "Describe every shape.", "budget": 900}
 

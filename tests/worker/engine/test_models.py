@@ -1,4 +1,4 @@
-"""worker.engine.models and worker.tiny: loading checkpoints, the tiny offline ones, the contract."""
+"""worker.engine.models and worker.tools.tiny: loading checkpoints, the tiny offline ones, the contract."""
 
 import json
 import re
@@ -20,7 +20,7 @@ from worker.engine.models import (
     checkpoint_fingerprint,
     load_model,
 )
-from worker.tiny import (
+from worker.tools.tiny import (
     SPECIAL_TOKENS,
     TEXT_CONFIG,
     VISION_CONFIG,

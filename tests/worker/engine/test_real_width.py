@@ -19,9 +19,9 @@ from worker.engine.config import SamplingConfig
 from worker.engine.engine import answer_from_artifact, compress_video
 from worker.engine.models import load_model
 from worker.engine.prompt import build_prompt
-from worker.plan import Workload, kv_bytes_per_token_layer, parameters, plan
-from worker.shapes import QWEN2_5_VL_7B, reduced
-from worker.tiny import make_shaped
+from worker.tools.plan import Workload, kv_bytes_per_token_layer, parameters, plan
+from worker.tools.shapes import QWEN2_5_VL_7B, reduced
+from worker.tools.tiny import make_shaped
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_the_checkpoint_has_the_real_widths(loaded):
     assert text.hidden_size // text.num_attention_heads == 128 and text.vocab_size == 152064
     assert loaded.model.config.vision_config.fullatt_block_indexes == [1]  # one windowed, one full block
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
-    # worker.plan counts parameters from the config alone: exactly what transformers builds.
+    # worker.tools.plan counts parameters from the config alone: exactly what transformers builds.
     assert loaded.model.num_parameters() == parameters(SHAPE)
 
 
@@ -113,7 +113,7 @@ def test_a_real_clip_indexes_and_answers_with_the_planned_bytes(loaded, config, 
             + int.from_bytes(header, "little")
         )
     )
-    # ... and what worker.plan predicts for this workload, within its header allowance.
+    # ... and what worker.tools.plan predicts for this workload, within its header allowance.
     predicted = plan(
         SHAPE,
         Workload(

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from worker.cli import main
 from worker.engine.answer import answer_uncompressed
 from worker.engine.checkpoint_settings import read_checkpoint_settings
 from worker.engine.config import SamplingConfig
 from worker.engine.models import load_model
 from worker.needle.train import FAMILIES, RECORD_FILE, TrainConfig, train, weights_sha256
 from worker.needle.videos import answer_matches, colour_question, random_spec, write_video
+from worker.tools.cli import main
 
 CHECKPOINTS = Path(__file__).resolve().parents[3] / "models" / "needle"
 

@@ -25,7 +25,7 @@ from worker.needle.train import (
     weights_sha256,
 )
 from worker.needle.videos import QA, random_spec
-from worker.tiny import build_tokenizer
+from worker.tools.tiny import build_tokenizer
 
 
 @pytest.mark.slow

@@ -9,10 +9,10 @@ import redis
 
 from service.contract import Keys
 from tests.worker.engine.test_artifact import assert_same, make_artifact
-from tests.worker.test_tiers import key, tiered
+from tests.worker.serving.test_tiers import key, tiered
 from worker.engine.storage import get_or_build
-from worker.leases import Lease, LeaseKeeper, LeaseLost
-from worker.tiers import SingleFlight
+from worker.serving.leases import Lease, LeaseKeeper, LeaseLost
+from worker.serving.tiers import SingleFlight
 
 KEYS = Keys("test")
 

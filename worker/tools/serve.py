@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from service.contract import GPU_QUEUE
-from worker.allocator import PRELOAD, with_jemalloc
+from worker.serving.allocator import PRELOAD, with_jemalloc
 
 STOP_TIMEOUT_S = 30.0  # a worker finishes its current task within this, else it is killed (and redelivered)
 INSTALL_REDIS = (
@@ -146,13 +146,14 @@ def serve(host: str, port: int, model: str | None, data_dir: Path | None) -> int
         api = _spawn(
             [sys.executable, "-m", "uvicorn", "service.main:app", "--host", host, "--port", str(port)], env
         )
-        worker_env = with_jemalloc(env)  # the allocator the worker is measured on (worker/allocator.py)
+        # the allocator the worker is measured on (worker/serving/allocator.py)
+        worker_env = with_jemalloc(env)
         if PRELOAD not in worker_env:
             _say("worker: libjemalloc not found; running on glibc malloc, whose heap grew faster over "
                  "repeated indexings (install libjemalloc2)")  # fmt: skip
-        # prefork with one child: the time limits are enforced (see worker/celery_app.py)
+        # prefork with one child: the time limits are enforced (see worker/serving/celery_app.py)
         worker = _spawn(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", GPU_QUEUE,
+            [sys.executable, "-m", "celery", "-A", "worker.serving.celery_app", "worker", "-Q", GPU_QUEUE,
              "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO",
              "-n", f"videoqa-{os.getpid()}@%h"],
             worker_env,

@@ -10,8 +10,8 @@ import redis
 from service.contract import CacheTier, Keys
 from tests.worker.engine.test_artifact import assert_same, make_artifact
 from worker.engine.storage import ArtifactKey, get_or_build
-from worker.leases import LeaseKeeper
-from worker.tiers import DiskTier, MemoryStore, SingleFlight, TieredStore, get_or_build_shared
+from worker.serving.leases import LeaseKeeper
+from worker.serving.tiers import DiskTier, MemoryStore, SingleFlight, TieredStore, get_or_build_shared
 
 KEYS = Keys("test")
 

@@ -43,8 +43,6 @@ from service.contract import (
 )
 from service.conversations import Conversations
 from service.records import Records
-from worker import runtime as worker_runtime
-from worker.celery_app import app
 from worker.engine.decode import VideoDecodeError
 from worker.engine.engine import (
     IndexResult,
@@ -53,9 +51,11 @@ from worker.engine.engine import (
     compress_for_question,
     get_or_compress,
 )
-from worker.leases import Lease, LeaseLost
-from worker.runtime import WorkerRuntime
-from worker.thumbnails import ThumbnailWriter
+from worker.serving import runtime as worker_runtime
+from worker.serving.celery_app import app
+from worker.serving.leases import Lease, LeaseLost
+from worker.serving.runtime import WorkerRuntime
+from worker.serving.thumbnails import ThumbnailWriter
 
 logger = logging.getLogger(__name__)
 

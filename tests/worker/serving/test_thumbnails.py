@@ -7,12 +7,12 @@ import io
 import av
 import numpy as np
 
-import worker.tasks
+import worker.serving.tasks
 from service.conversations import Conversations
 from tests.helpers import make_video, synthetic_frame
-from tests.worker.test_tasks import BUNNY, TENANT, upload
-from worker.tasks import answer_job, index_video_job
-from worker.thumbnails import ThumbnailWriter, encode_jpeg
+from tests.worker.serving.test_tasks import BUNNY, TENANT, upload
+from worker.serving.tasks import answer_job, index_video_job
+from worker.serving.thumbnails import ThumbnailWriter, encode_jpeg
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
@@ -74,7 +74,7 @@ def test_a_failed_compression_leaves_no_thumbnails_behind(rt, settings, tmp_path
             if self.count == 3:
                 raise RuntimeError("the volume is full")
 
-    monkeypatch.setattr(worker.tasks, "ThumbnailWriter", FailingAfterThree)
+    monkeypatch.setattr(worker.serving.tasks, "ThumbnailWriter", FailingAfterThree)
     clip = tmp_path / "clip.mp4"
     make_video(clip, seconds=6)
     bad = upload(rt, clip)

@@ -1,4 +1,4 @@
-"""worker.plan: the memory and size model, its parameter counts, and `videoqa plan`."""
+"""worker.tools.plan: the memory and size model, its parameter counts, and `videoqa plan`."""
 
 import json
 import re
@@ -7,20 +7,20 @@ from pathlib import Path
 import pytest
 
 from service.contract import Settings
-from worker.cli import main
 from worker.engine.adaretake import CompressionConfig
 from worker.engine.vision import VISION_SLICE_GRIDS
-from worker.plan import Workload, parameters, plan, shape_from_config, sizing_table
-from worker.shapes import SHAPES, ModelShape, reduced
-from worker.tiny import TEXT_CONFIG, VISION_CONFIG, build_tiny_model, build_tokenizer
+from worker.tools.cli import main
+from worker.tools.plan import Workload, parameters, plan, shape_from_config, sizing_table
+from worker.tools.shapes import SHAPES, ModelShape, reduced
+from worker.tools.tiny import TEXT_CONFIG, VISION_CONFIG, build_tiny_model, build_tokenizer
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
 def test_parameter_count_is_transformers_own(family):
     tokenizer = build_tokenizer()
-    shape = ModelShape("tiny", family, "tiny", "worker/tiny.py",
+    shape = ModelShape("tiny", family, "tiny", "worker/tools/tiny.py",
                        {**TEXT_CONFIG, "vocab_size": len(tokenizer)}, VISION_CONFIG[family])  # fmt: skip
     assert parameters(shape) == build_tiny_model(family, tokenizer).num_parameters()
 

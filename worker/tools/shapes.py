@@ -1,11 +1,10 @@
 """The real dimensions of Qwen2.5-VL-7B, Qwen2.5-VL-72B and Qwen2-VL-7B, as config.json-style dicts.
 
-Plain data, no torch: `worker.plan` sizes memory from them and `worker.tiny.make_shaped` builds random
-checkpoints of these widths at a reduced depth. Every number is copied from the public config.json of the
-checkpoint named in `source`, or, where that file leaves a field out, from the default of the
-transformers 5.24 config class it falls back to (`Qwen2_5_VLVisionConfig`, `Qwen2VLVisionConfig`), whose
-defaults are the 7B towers. Token ids are not part of a shape: a built checkpoint takes them from its
-tokenizer.
+Plain data, no torch: `worker.tools.plan` sizes memory from them and `worker.tools.tiny.make_shaped` builds
+random checkpoints of these widths at a reduced depth. Every number is copied from the public config.json of
+the checkpoint named in `source`, or, where that file leaves a field out, from the default of the transformers
+5.24 config class it falls back to (`Qwen2_5_VLVisionConfig`, `Qwen2VLVisionConfig`), whose defaults are the
+7B towers. Token ids are not part of a shape: a built checkpoint takes them from its tokenizer.
 """
 
 from dataclasses import dataclass, field

@@ -1,7 +1,7 @@
 """The workers' Celery app: Redis as the broker, one GPU queue, settings from VIDEOQA_*.
 
-    celery -A worker.celery_app worker -Q gpu --concurrency 1             (prefork, the default here)
-    celery -A worker.celery_app worker -Q gpu --concurrency 1 --pool solo
+    celery -A worker.serving.celery_app worker -Q gpu --concurrency 1             (prefork, the default here)
+    celery -A worker.serving.celery_app worker -Q gpu --concurrency 1 --pool solo
 
 One worker per GPU, running one task at a time: a task holds the whole GPU (the model plus a video's KV
 cache), so more concurrency only adds memory pressure. Several GPUs: one worker each, with
@@ -12,8 +12,8 @@ ignores them) and a child that crashes (out of memory, a CUDA fault) is replaced
 redelivered. `--pool solo` runs tasks in the worker process itself: simpler to debug, no fork, but a task
 can then run past VIDEOQA_TASK_TIME_LIMIT.
 
-This module imports neither torch nor the tasks' code until a worker starts: `include` loads worker.tasks
-in the worker only.
+This module imports neither torch nor the tasks' code until a worker starts: `include` loads
+worker.serving.tasks in the worker only.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import threading
 from celery import Celery, signals
 
 from service.contract import ANSWER_TASK, GPU_QUEUE, INDEX_TASK, Settings
-from worker.allocator import allocator_in_use
+from worker.serving.allocator import allocator_in_use
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def celery_config(settings: Settings) -> dict:
 
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
-    celery = Celery("videoqa", broker=settings.redis_url, include=["worker.tasks"])
+    celery = Celery("videoqa", broker=settings.redis_url, include=["worker.serving.tasks"])
     celery.conf.update(celery_config(settings))
     return celery
 
@@ -86,7 +86,7 @@ def _on_worker_init(**_) -> None:
     """In the worker's main process, before the pool starts: refuse settings that would fail every task."""
     global _worker_pid
     _worker_pid = os.getpid()
-    from worker.runtime import compression_config
+    from worker.serving.runtime import compression_config
 
     try:
         compression_config(Settings())
@@ -106,7 +106,7 @@ def _on_process_init(sender=None, **_) -> None:
 
 def _warm_up_then_beat(name: str) -> None:
     global _heartbeat
-    from worker import runtime
+    from worker.serving import runtime
 
     try:
         current = runtime.current()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from worker.engine.config import SamplingConfig, default_cache_dir
-from worker.shapes import SHAPES, reduced
+from worker.tools.shapes import SHAPES, reduced
 
 MODES = ("cached", "question_guided", "uncompressed")
 
@@ -174,7 +174,7 @@ def _ask_uncompressed(loaded, args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from worker.tiny import make_shaped, make_tiny
+    from worker.tools.tiny import make_shaped, make_tiny
 
     if args.shape == "tiny":
         if args.layers is not None or args.vision_blocks is not None:
@@ -191,7 +191,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from service.contract import Settings
-    from worker.plan import Workload, peak_phase, plan, shape_from_config, sizing_table
+    from worker.tools.plan import Workload, peak_phase, plan, shape_from_config, sizing_table
 
     fields = Settings.model_fields  # the default cache tiers
     tiers = fields["memory_cache_bytes"].default, fields["disk_cache_bytes"].default
@@ -261,7 +261,7 @@ def _cmd_train_needle(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from worker.serve import serve
+    from worker.tools.serve import serve
 
     return serve(args.host, args.port, args.model, args.data_dir)
 
@@ -377,7 +377,7 @@ def build_parser(engine_commands: bool = True) -> argparse.ArgumentParser:
 
 def _add_engine_commands(commands) -> None:
     from worker.engine.adaretake import TEMPORAL_ALLOCATIONS
-    from worker.plan import Workload
+    from worker.tools.plan import Workload
 
     planner = commands.add_parser(
         "plan",

