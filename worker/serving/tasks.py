@@ -1,4 +1,5 @@
-"""The GPU tasks: thin adapters from an id in a message to the engine, and from its results to `Records`.
+"""The GPU tasks: thin adapters from an id in a message to the engine, and from its results to the records
+(through a `JobRecorder`, one per task run).
 
     index_video(video_id)  decode, encode and compress the upload once (single flight across workers);
                            the video goes queued -> decoding -> encoding -> prefilling -> ready | failed
@@ -37,12 +38,10 @@ from service.contract import (
     TERMINAL_JOB_STATES,
     AskMode,
     CacheTier,
-    JobStatus,
     Settings,
     VideoStatus,
 )
 from service.conversations import Conversations
-from service.records import Records
 from worker.engine.decode import VideoDecodeError
 from worker.engine.engine import (
     IndexResult,
@@ -54,6 +53,7 @@ from worker.engine.engine import (
 from worker.serving import runtime as worker_runtime
 from worker.serving.celery_app import app
 from worker.serving.leases import Lease, LeaseLost
+from worker.serving.recorder import Gone, JobRecorder
 from worker.serving.runtime import WorkerRuntime
 from worker.serving.thumbnails import ThumbnailWriter
 
@@ -63,21 +63,6 @@ logger = logging.getLogger(__name__)
 TRANSIENT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 RETRY_FIRST_DELAY_S, RETRY_MAX_DELAY_S = 0.5, 30.0
 T = TypeVar("T")
-
-# The engine reports (stage, fraction); video status only moves forward through these.
-_STAGE_STATUS = {
-    "decoding": VideoStatus.DECODING,
-    "encoding": VideoStatus.ENCODING,
-    "prefilling": VideoStatus.PREFILLING,
-}
-_STATUS_ORDER = [VideoStatus.QUEUED, VideoStatus.DECODING, VideoStatus.ENCODING, VideoStatus.PREFILLING]
-PROGRESS_INTERVAL = 0.5  # seconds between progress writes within one stage
-TOKEN_FLUSH_SECONDS = 0.05  # answer text is streamed in batches at most this old
-
-
-class Gone(Exception):
-    """The video or job was deleted while we worked on it: stop, quietly."""
-
 
 # ---- the Celery face ------------------------------------------------------------------------------------
 
@@ -162,11 +147,12 @@ def index_video_job(rt: WorkerRuntime, video_id: str, lease: Lease | None = None
     job = records.get_job(job_id) if job_id else None
     if video["status"] == VideoStatus.FAILED or (job is not None and job["status"] in TERMINAL_JOB_STATES):
         return  # a redelivered message for work already recorded as done
-    _set_job_status(records, job_id, JobStatus.RUNNING, started_at=time.time())
+    recorder = JobRecorder(records, job_id, video)
+    recorder.running(started_at=time.time())
     result = None
     try:
-        with _recording_failures(rt, video, job_id, lease):
-            result = _index(rt, video, job_id)
+        with _recording_failures(rt, video, recorder, lease):
+            result = _index(rt, video, recorder)
             _check(lease)
     except Gone:
         logger.info("index %s: deleted while indexing", video_id)
@@ -176,9 +162,7 @@ def index_video_job(rt: WorkerRuntime, video_id: str, lease: Lease | None = None
         return
     if result is None:  # failed, and recorded as such
         return
-    _finish_job(
-        records,
-        job_id,
+    recorder.succeeded(
         cache_hit=result.hit,
         cache_tier=result.tier,
         cache_reason=cache_reason(result),
@@ -199,7 +183,7 @@ def damage_warnings(report: dict) -> list[str]:
     ]
 
 
-def _index(rt: WorkerRuntime, video: dict, job_id: str | None) -> IndexResult:
+def _index(rt: WorkerRuntime, video: dict, recorder: JobRecorder) -> IndexResult:
     """The video's artifact via the tiers and the single-flight lock. While it is being built, progress goes
     to the video (unless it is already ready: a rebuild after eviction) and to the job's events, and the
     decoded frames become its thumbnails."""
@@ -208,11 +192,6 @@ def _index(rt: WorkerRuntime, video: dict, job_id: str | None) -> IndexResult:
     if not path.is_file():
         raise UploadMissing(f"{video['filename']}: the uploaded file is missing from the data volume")
     track_video = video["status"] != VideoStatus.READY
-    progress = _Progress(records, video["id"], job_id, track_video=track_video)
-
-    def on_wait() -> None:  # another worker is compressing this content right now
-        _set_job_status(records, job_id, JobStatus.WAITING_FOR_INDEX)
-
     identity = cache_identity(video, rt.settings)
     key = artifact_key(rt.loaded, identity, rt.config)
     thumbnails = ThumbnailWriter(rt.settings.frames_dir(key.to_string()))
@@ -222,16 +201,16 @@ def _index(rt: WorkerRuntime, video: dict, job_id: str | None) -> IndexResult:
             rt.store,
             path,
             rt.config,
-            on_progress=progress,
+            on_progress=recorder.progress(track_video=track_video),
             on_frame=thumbnails,
-            lock=rt.single_flight(on_wait),
+            lock=rt.single_flight(recorder.waiting_for_index),
             video_hash=identity,
         )
         thumbnails.commit()
     finally:
         thumbnails.discard()
     if result.waited:
-        _set_job_status(records, job_id, JobStatus.RUNNING)
+        recorder.running()
     if not result.hit:
         records.incr_counter("engine", "compressions")
     if result.reason.startswith("corrupt"):
@@ -240,20 +219,16 @@ def _index(rt: WorkerRuntime, video: dict, job_id: str | None) -> IndexResult:
             "artifact %s was damaged and has been rebuilt: %s", result.key.to_string(), result.reason
         )
     if track_video or not result.hit:  # a first index, or a rebuild: (re)write the video's facts
-        _mark_ready(rt, video["id"], result)
+        _mark_ready(rt, recorder, result)
     return result
 
 
-def _mark_ready(rt: WorkerRuntime, video_id: str, result: IndexResult) -> None:
+def _mark_ready(rt: WorkerRuntime, recorder: JobRecorder, result: IndexResult) -> None:
     report = result.artifact.metadata["report"]
     key = result.key.to_string()
     timestamps = result.artifact.timestamps
     # Setting artifact_key also registers the video as a user of the artifact (Records, atomically).
-    updated = rt.records.update_video(
-        video_id,
-        status=VideoStatus.READY,
-        stage="ready",
-        progress=1.0,
+    recorder.video_ready(
         duration=report.get("duration", timestamps[-1] if timestamps else 0.0),
         frames=report["frames"],
         damaged_seconds=report.get("damaged_seconds", []),  # artifacts built before it was reported: []
@@ -263,54 +238,7 @@ def _mark_ready(rt: WorkerRuntime, video_id: str, result: IndexResult) -> None:
         features_bytes=rt.store.disk.features_nbytes(result.key),
         cache_tier=CacheTier.DISK,  # where every worker finds it
         artifact_key=key,
-        error_code=None,
-        error_message=None,
     )
-    if not updated:
-        raise Gone(video_id)
-
-
-class _Progress:
-    """The engine's (stage, fraction) as video status and progress (0..1) and "progress" job events.
-
-    Only a compression reports progress (a cache hit writes nothing here). It starts with ("decoding", 0);
-    decoding then runs interleaved with encoding, so "decoding" is the status until the first slice is
-    encoded. Overall progress is half encoding, half prefilling; status never moves backwards. Writes are
-    throttled to one per PROGRESS_INTERVAL within a stage. Raises Gone when the video (or job) is deleted."""
-
-    def __init__(self, records: Records, video_id: str, job_id: str | None, *, track_video: bool) -> None:
-        self.records = records
-        self.video_id = video_id
-        self.job_id = job_id
-        self.track_video = track_video
-        self.status = VideoStatus.QUEUED
-        self.fractions = {"encoding": 0.0, "prefilling": 0.0}
-        self.last_write = 0.0
-
-    def __call__(self, stage: str, fraction: float) -> None:
-        if stage in self.fractions:
-            self.fractions[stage] = max(self.fractions[stage], fraction)
-        status = _STAGE_STATUS.get(stage, self.status)
-        changed = _STATUS_ORDER.index(status) > _STATUS_ORDER.index(self.status)
-        if changed:
-            self.status = status
-        if changed or fraction >= 1 or time.monotonic() - self.last_write >= PROGRESS_INTERVAL:
-            self._write(
-                self.status.value, 0.5 * self.fractions["encoding"] + 0.5 * self.fractions["prefilling"]
-            )
-
-    def _write(self, stage: str, progress: float) -> None:
-        self.last_write = time.monotonic()
-        progress = round(min(1.0, progress), 4)
-        if self.track_video:
-            if not self.records.update_video(
-                self.video_id, status=self.status, stage=stage, progress=progress
-            ):
-                raise Gone(self.video_id)
-        if self.job_id is not None:
-            event = self.records.append_event(self.job_id, "progress", {"stage": stage, "progress": progress})
-            if event is None:
-                raise Gone(self.job_id)
 
 
 # ---- answer -----------------------------------------------------------------------------------------------
@@ -326,26 +254,26 @@ def answer_job(rt: WorkerRuntime, job_id: str, lease: Lease | None = None) -> No
     if video is None:
         logger.info("answer %s: the video is gone", job_id)
         return
+    recorder = JobRecorder(records, job_id, video)
     if video["status"] == VideoStatus.FAILED:
         message = f"the video could not be indexed: {video.get('error_message') or video.get('error_code')}"
-        _fail_job(records, job_id, "video_failed", message)
+        recorder.failed("video_failed", message)
         return
-    _set_job_status(records, job_id, JobStatus.RUNNING, started_at=time.time())
+    recorder.running(started_at=time.time())
     try:
-        with _recording_failures(rt, video, job_id, lease):
-            _answer(rt, job, video, lease)
+        with _recording_failures(rt, video, recorder, lease):
+            _answer(rt, job, video, recorder, lease)
     except Gone:
         logger.info("answer %s: deleted while answering", job_id)
     except LeaseLost as error:
         logger.warning("answer %s: a newer run took the job over (%s); its result stands", job_id, error)
 
 
-def _answer(rt: WorkerRuntime, job: dict, video: dict, lease: Lease | None) -> None:
+def _answer(rt: WorkerRuntime, job: dict, video: dict, recorder: JobRecorder, lease: Lease | None) -> None:
     records, job_id = rt.records, job["id"]
     question = job["question"]
     started = time.perf_counter()
     if job.get("mode") == AskMode.QUESTION_GUIDED:  # compressed for this question, from kept features
-        progress = _Progress(records, video["id"], job_id, track_video=False)
         artifact, reused = compress_for_question(
             rt.loaded,
             rt.store,
@@ -353,7 +281,7 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict, lease: Lease | None) -> N
             question,
             rt.config,
             video_hash=cache_identity(video, rt.settings),
-            on_progress=progress,
+            on_progress=recorder.progress(track_video=False),
         )
         records.incr_counter("engine", "compressions")
         records.incr_counter("engine", "features_reused" if reused else "features_recomputed")
@@ -361,7 +289,7 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict, lease: Lease | None) -> N
         cache = {"cache_hit": False, "cache_tier": CacheTier.NONE, "cache_reason": "question_guided"}
         timings = _video_timings_from(video_seconds)
     else:
-        result = _index(rt, video, job_id)
+        result = _index(rt, video, recorder)
         artifact = result.artifact
         cache = {"cache_hit": result.hit, "cache_tier": result.tier, "cache_reason": cache_reason(result)}
         records.incr_counter("cache", cache_reason(result))
@@ -370,7 +298,7 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict, lease: Lease | None) -> N
     history = []
     if job.get("conversation_id"):
         history = Conversations(records).history(job["conversation_id"], before_job_id=job_id)
-    stream = _TokenStream(records, job_id)
+    stream = recorder.token_stream()
     reply = answer_from_artifact(
         rt.loaded, artifact, question, max_new_tokens=job.get("max_new_tokens") or 128, on_text=stream,
         history=history, max_history_tokens=rt.settings.conversation_history_tokens,
@@ -383,9 +311,7 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict, lease: Lease | None) -> N
         "total": time.perf_counter() - started,
     }
     _check(lease)
-    _finish_job(
-        records,
-        job_id,
+    recorder.succeeded(
         answer=reply.text,
         token_count=len(reply.token_ids),
         history_turns=reply.history_turns,
@@ -394,28 +320,6 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict, lease: Lease | None) -> N
         timings=_rounded(timings),
         **cache,
     )
-
-
-class _TokenStream:
-    """Answer text as "token" events ({"text": ...}), batched so a fast decoder does not write per token."""
-
-    def __init__(self, records: Records, job_id: str) -> None:
-        self.records = records
-        self.job_id = job_id
-        self.pending: list[str] = []
-        self.last_flush = time.monotonic()
-
-    def __call__(self, text: str) -> None:
-        self.pending.append(text)
-        if time.monotonic() - self.last_flush >= TOKEN_FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        self.last_flush = time.monotonic()
-        if self.pending:
-            text, self.pending = "".join(self.pending), []
-            if self.records.append_event(self.job_id, "token", {"text": text}) is None:
-                raise Gone(self.job_id)
 
 
 # ---- records ------------------------------------------------------------------------------------------
@@ -469,34 +373,6 @@ def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {stage: round(value, 4) for stage, value in timings.items()}
 
 
-def _set_job_status(records: Records, job_id: str | None, status: JobStatus, **fields) -> None:
-    """Record first, then the event: readers re-read the record when they see a "status" event."""
-    if job_id is None:
-        return
-    if records.update_job(job_id, status=status, **fields):
-        records.append_event(job_id, "status", {"status": status.value})
-
-
-def _finish_job(records: Records, job_id: str | None, **fields) -> None:
-    if job_id is None:
-        return
-    if records.update_job(job_id, status=JobStatus.SUCCEEDED, finished_at=time.time(), **fields):
-        records.append_event(job_id, "done", {"status": JobStatus.SUCCEEDED.value})
-
-
-def _fail_job(records: Records, job_id: str | None, code: str, message: str) -> None:
-    if job_id is None:
-        return
-    fields = {
-        "status": JobStatus.FAILED,
-        "error_code": code,
-        "error_message": message,
-        "finished_at": time.time(),
-    }
-    if records.update_job(job_id, **fields):
-        records.append_event(job_id, "done", {"status": JobStatus.FAILED.value, "error_code": code})
-
-
 def _check(lease: Lease | None) -> None:
     if lease is not None:
         lease.check()
@@ -504,7 +380,7 @@ def _check(lease: Lease | None) -> None:
 
 @contextlib.contextmanager
 def _recording_failures(
-    rt: WorkerRuntime, video: dict, job_id: str | None, lease: Lease | None = None
+    rt: WorkerRuntime, video: dict, recorder: JobRecorder, lease: Lease | None = None
 ) -> Iterator[None]:
     """Turn what can go wrong inside a task into records. The task then ends normally and the worker takes
     the next message:
@@ -519,7 +395,6 @@ def _recording_failures(
     Nothing is written once a newer run holds the job's `lease` (LeaseLost).
     An index job's failure fails its video too (unless the video is ready: then only a rebuild failed).
     """
-    records = rt.records
     try:
         yield
     except (Gone, LeaseLost, *TRANSIENT_ERRORS):
@@ -527,14 +402,7 @@ def _recording_failures(
     except (VideoDecodeError, UploadMissing) as error:
         _check(lease)
         message = str(error).replace(str(video_path(rt, video)), video["filename"])  # no server paths
-        records.update_video(
-            video["id"],
-            status=VideoStatus.FAILED,
-            stage="failed",
-            error_code=error.code,
-            error_message=message,
-        )
-        _fail_job(records, job_id, error.code, message)
+        recorder.failed(error.code, message, bad_upload=True)
         logger.info("video %s failed: %s (%s)", video["id"], message, error.code)
     except Exception as error:
         _check(lease)
@@ -542,20 +410,12 @@ def _recording_failures(
             code, message = "timeout", "the task ran past its time limit (VIDEOQA_TASK_TIME_LIMIT)"
         elif isinstance(error, OSError) and error.errno in STORAGE_FULL_ERRNOS:
             code, message = "storage_full", "the data volume is full; free space on it and upload again"
-            logger.error("job %s about video %s: %s", job_id, video["id"], error)
+            logger.error("job %s about video %s: %s", recorder.job_id, video["id"], error)
         elif isinstance(error, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()  # give the next task the memory this one was holding
             code, message = "out_of_memory", "the GPU ran out of memory for this video; try a smaller preset"
-            logger.exception("job %s about video %s ran out of GPU memory", job_id, video["id"])
+            logger.exception("job %s about video %s ran out of GPU memory", recorder.job_id, video["id"])
         else:
             code, message = "internal_error", f"the worker failed ({type(error).__name__}); see its log"
-            logger.exception("job %s about video %s failed", job_id, video["id"])
-        if (
-            video["status"] != VideoStatus.READY
-            and job_id is not None
-            and job_id == video.get("index_job_id")
-        ):
-            records.update_video(
-                video["id"], status=VideoStatus.FAILED, stage="failed", error_code=code, error_message=message
-            )
-        _fail_job(records, job_id, code, message)
+            logger.exception("job %s about video %s failed", recorder.job_id, video["id"])
+        recorder.failed(code, message)
