@@ -1,4 +1,4 @@
-# The GPU worker: one Celery worker, one task at a time, on one GPU.
+# The GPU worker: one Celery worker on one GPU; its tasks share the GPU through one scheduler.
 #
 #   docker build -f deploy/worker.Dockerfile -t videoqa-worker:0.1.0 .
 #
@@ -55,10 +55,10 @@ ENV LD_PRELOAD=libjemalloc.so.2 \
 USER 10001:10001
 WORKDIR /home/videoqa
 
-# The pool is prefork with one child, as worker/serving/celery_app.py configures it: only prefork enforces
-# VIDEOQA_TASK_TIME_LIMIT (the solo pool ignores time limits) and replaces a child that crashed.
-# No HEALTHCHECK: a worker whose model does not load exits (and is restarted), a stuck task is killed by
-# the time limit, and the heartbeat in Redis is what the API's /readyz reports.
-# Celery's warm shutdown on SIGTERM finishes the current task; give it time (stop_grace_period in compose,
+# The pool is threads, as worker/serving/celery_app.py configures it: VIDEOQA_WORKER_CONCURRENCY tasks at
+# once submit their model work to the process's one scheduler, which ends it at VIDEOQA_TASK_TIME_LIMIT's
+# soft limit. No HEALTHCHECK: a worker whose model does not load exits (and is restarted), and the
+# heartbeat in Redis is what the API's /readyz reports.
+# Celery's warm shutdown on SIGTERM finishes the running tasks; give it time (stop_grace_period in compose,
 # terminationGracePeriodSeconds in Kubernetes). acks_late re-queues a task whose worker was killed.
-CMD ["celery", "-A", "worker.serving.celery_app", "worker", "-Q", "gpu", "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO"]
+CMD ["celery", "-A", "worker.serving.celery_app", "worker", "-Q", "gpu", "--pool", "threads", "--loglevel", "INFO"]

@@ -184,6 +184,16 @@ class Settings(BaseSettings):
     memory_cache_bytes: int = Field(default=8 * 1024**3, ge=0)
     disk_cache_bytes: int = Field(default=200 * 1024**3, ge=0)
     task_time_limit: int = Field(default=3600, ge=10)  # seconds; see soft_time_limit
+    # Tasks one worker runs at once, all on its one scheduler (threads: they mostly wait for it); 1 runs one
+    # task at a time, as a serial worker.
+    worker_concurrency: int = Field(default=16, ge=1)
+    # The scheduler (worker/engine/scheduler.py): answers decoding together, waiting answers prefilled per
+    # iteration, the share of its time indexing gets while answers are active, and the bytes the active
+    # answers' caches may hold.
+    scheduler_max_active: int = Field(default=8, ge=1)
+    scheduler_max_admit: int = Field(default=2, ge=1)
+    scheduler_index_share: float = Field(default=0.5, gt=0, le=1)
+    scheduler_cache_bytes: int = Field(default=4 * 1024**3, gt=0)
     # A job's and a build's lease outlive their worker's death by at most this many seconds.
     lease_seconds: float = Field(default=30.0, ge=1)
     # How often a worker sweeps for jobs whose worker died (see worker/recovery.py), and how many runs a

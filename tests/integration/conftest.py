@@ -52,11 +52,11 @@ class Stack:
         )  # fmt: skip
         self.wait_until(lambda: httpx.get(f"{self.base_url}/healthz").status_code == 200, "the API is up")
 
-    def start_worker(self, pool: str = "solo", timeout: float = 90) -> None:
-        """A Celery worker; `pool="prefork"` for a parent process with one child that runs the tasks."""
+    def start_worker(self, timeout: float = 90) -> None:
+        """A Celery worker as `videoqa serve` starts it: one process, its tasks in threads, one scheduler."""
         self.worker = self._spawn(
             "worker", [sys.executable, "-m", "celery", "-A", "worker.serving.celery_app", "worker",
-                       "-Q", "gpu", "--concurrency", "1", "--pool", pool, "--loglevel", "INFO"]
+                       "-Q", "gpu", "--loglevel", "INFO"]
         )  # fmt: skip
         self.wait_until(lambda: httpx.get(f"{self.base_url}/readyz").status_code == 200, "a worker is ready",
                         timeout)  # fmt: skip

@@ -1,5 +1,9 @@
-"""Fault injection against the real stack: SIGKILL of a worker's child, its parent or its whole process
-group while it decodes, prefills or answers; SIGKILL and SIGTERM of Redis during a load of uploads and asks.
+"""Fault injection against the real stack: SIGKILL of a worker while it decodes, prefills or answers, and
+while it decodes a batch of answers beside an indexing; a worker stopped (SIGSTOP) past its leases while
+another takes its job over, then resumed; SIGKILL and SIGTERM of Redis during a load of uploads and asks.
+
+A worker is one process: its Celery threads submit to the one scheduler that owns the model, so killing it
+ends everything it held at once, as a lost machine would.
 
 Shared by tests/integration/test_faults.py (each case once) and bench/faults.py (each case N times). Every
 case returns an `Outcome`: whether every accepted job ended succeeded or failed with a code, how long that
@@ -30,8 +34,8 @@ TERMINAL = ("succeeded", "failed")
 DEADLINE_S = 180.0  # every accepted job terminal within this of a worker being available again
 # Short leases and sweeps, so that a case takes seconds (production: 30 s and 10 s).
 FAULT_SETTINGS = {"lease_seconds": "3", "reaper_interval_seconds": "1", "job_attempts": "3"}
-WORKER_CASES = [(target, phase) for target in ("child", "parent", "group")
-                for phase in ("decoding", "prefilling", "answering")]  # fmt: skip
+WORKER_CASES = [(target, phase) for target in ("killed", "stalled")
+                for phase in ("decoding", "prefilling", "answering")] + [("killed", "batch")]  # fmt: skip
 REDIS_CASES = [("redis", "SIGKILL"), ("redis", "SIGTERM")]
 
 
@@ -87,20 +91,29 @@ def fresh_copy(source: Path, directory: Path) -> Path:
 
 
 def run_worker_case(stack: Stack, clip: Path, scratch: Path, target: str, phase: str) -> Outcome:
-    """Kill the worker's `target` ("child", "parent" or "group") once its job reaches `phase`."""
-    outcome = Outcome(f"SIGKILL {target} while {phase}")
+    """SIGKILL the worker ("killed"), or stop it until another worker has taken its job over ("stalled"),
+    once its job reaches `phase` ("batch": 4 answers decoding together while a video indexes)."""
+    outcome = Outcome(f"{'SIGKILL' if target == 'killed' else 'SIGSTOP'} worker while {phase}")
     client = stack.client()
     video = _upload(client, fresh_copy(clip, scratch))
-    job_id = video["links"]["index_job"].rsplit("/", 1)[1]
-    if phase == "answering":
+    job_ids = [video["links"]["index_job"].rsplit("/", 1)[1]]
+    if phase in ("answering", "batch"):
         _wait(lambda: _video_status(stack, video["id"]) in ("ready", "failed"), 120)
-        job_id = _ask(client, video["id"], max_new_tokens=256)
-        _wait(lambda: _has_token(stack, job_id), 120)
+        if phase == "batch":  # an indexing on the same worker, and 4 answers in one batch
+            job_ids = [_upload(client, fresh_copy(clip, scratch))["links"]["index_job"].rsplit("/", 1)[1]]
+            job_ids += [_ask(client, video["id"], max_new_tokens=256) for _ in range(4)]
+            _wait(lambda: all(_has_token(stack, job_id) for job_id in job_ids[1:]), 120)
+        else:
+            job_ids = [_ask(client, video["id"], max_new_tokens=256)]
+            _wait(lambda: _has_token(stack, job_ids[0]), 120)
     else:  # read from Redis every few ms: a stage of the tiny model can last well under a second
         _wait(lambda: _video_status(stack, video["id"]) == phase, 120)
-    outcome.accepted = 1
-    available = _kill_worker(stack, target)
-    _settle(stack, client, [job_id], available, outcome)
+    outcome.accepted = len(job_ids)
+    if target == "killed":
+        available = _kill_worker(stack)
+        _settle(stack, client, job_ids, available, outcome)
+    else:
+        _stall_worker(stack, client, job_ids, outcome)
     return outcome
 
 
@@ -175,28 +188,35 @@ def _has_token(stack: Stack, job_id: str) -> bool:
     return any(fields.get("kind") == "token" for _, fields in events)
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _kill_worker(stack: Stack, target: str) -> float:
-    """SIGKILL the target; bring a worker back when the parent died. -> when a worker was available again."""
-    parent = stack.worker.pid
-    if target == "child":
-        (child,) = _children(parent)
-        os.kill(child, signal.SIGKILL)  # the parent notices, requeues the message, forks a new child
-        return time.monotonic()
-    if target == "parent":
-        os.kill(parent, signal.SIGKILL)  # its child is orphaned mid-task
-    else:
-        os.killpg(parent, signal.SIGKILL)  # parent and child at once: a lost machine
+def _kill_worker(stack: Stack) -> float:
+    """SIGKILL the worker and start another -> when it was available."""
+    os.killpg(stack.worker.pid, signal.SIGKILL)  # the worker and anything it started: a lost machine
     stack.worker.wait()
     stack.redis.delete(Keys().workers())  # the dead worker's heartbeat would pass for a live one
-    stack.start_worker(pool="prefork", timeout=300)
+    stack.start_worker(timeout=300)
     return time.monotonic()
+
+
+def _stall_worker(stack: Stack, client: httpx.Client, job_ids: list[str], outcome: Outcome) -> None:
+    """SIGSTOP the worker (a paused VM, a partition): its leases lapse and the reaper sends its jobs again to
+    a second worker, which finishes them. Then the first resumes: its fenced writes must change nothing."""
+    stalled = stack.worker
+    os.killpg(stalled.pid, signal.SIGSTOP)
+    try:
+        stack.redis.delete(Keys().workers())
+        stack.start_worker(timeout=300)  # stack.worker is the new one now
+        available = time.monotonic()
+        _settle(stack, client, job_ids, available, outcome)
+        before = {job_id: client.get(f"/jobs/{job_id}").json() for job_id in job_ids}
+    finally:
+        os.killpg(stalled.pid, signal.SIGCONT)
+    time.sleep(3 * float(FAULT_SETTINGS["lease_seconds"]))  # the resumed worker's late writes land by now
+    after = {job_id: client.get(f"/jobs/{job_id}").json() for job_id in job_ids}
+    if after != before:
+        outcome.problem = outcome.problem or f"the resumed worker changed finished jobs: {before} -> {after}"
+    outcome.artifacts_ok, problem = check_artifacts(stack, client)
+    outcome.problem = outcome.problem or problem
+    Stack._stop(stalled)  # the takeover worker stays for the next case
 
 
 def _settle(

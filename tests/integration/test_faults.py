@@ -1,4 +1,4 @@
-"""Crash safety over the real stack (redis-server with an fsynced append-only file, a prefork Celery worker,
+"""Crash safety over the real stack (redis-server with an fsynced append-only file, a Celery worker,
 the API over HTTP, a tiny model): fault cases of tests/integration/faults.py once each. bench/faults.py
 repeats all of them and writes the table into docs/benchmarks.md.
 
@@ -39,7 +39,7 @@ def stack(tmp_path_factory, durable_redis, tiny_models):
     stack = fault_stack(durable_redis, tmp_path_factory.mktemp("faults"), tiny_models["qwen2_5_vl"])
     try:
         stack.start_api()
-        stack.start_worker(pool="prefork", timeout=300)
+        stack.start_worker(timeout=300)
         yield stack
     finally:
         stack.stop()

@@ -1,26 +1,25 @@
 """The workers' Celery app: Redis as the broker, one GPU queue, settings from VIDEOQA_*.
 
-    celery -A worker.serving.celery_app worker -Q gpu --concurrency 1             (prefork, the default here)
-    celery -A worker.serving.celery_app worker -Q gpu --concurrency 1 --pool solo
+    celery -A worker.serving.celery_app worker -Q gpu       (a pool of VIDEOQA_WORKER_CONCURRENCY threads)
 
-One worker per GPU, running one task at a time: a task holds the whole GPU (the model plus a video's KV
-cache), so more concurrency only adds memory pressure. Several GPUs: one worker each, with
-CUDA_VISIBLE_DEVICES. The model is loaded once in the process that runs tasks (`worker_process_init`).
+One worker process per GPU (several GPUs: one worker each, with CUDA_VISIBLE_DEVICES). Its tasks are thin:
+they run in threads and submit their model work to the process's one scheduler (worker/engine/scheduler.py),
+which owns the model and interleaves indexing with batched answers. So a follow-up does not wait behind a
+video being indexed, and answers asked together decode together. With VIDEOQA_WORKER_CONCURRENCY=1 the
+worker runs one task at a time, as a serial worker.
 
-Prefork with one child is the default because only prefork enforces the time limits (Celery's solo pool
-ignores them) and a child that crashes (out of memory, a CUDA fault) is replaced while its message is
-redelivered. `--pool solo` runs tasks in the worker process itself: simpler to debug, no fork, but a task
-can then run past VIDEOQA_TASK_TIME_LIMIT.
+Celery's thread pool enforces no time limits: the scheduler ends a task's model work at the task's soft
+limit (the job fails with "timeout"). A crash of the process (a CUDA fault, SIGKILL) ends every task it held;
+their leases lapse and the API's reaper sends them again (service/recovery.py).
 
-This module imports neither torch nor the tasks' code until a worker starts: `include` loads
-worker.serving.tasks in the worker only.
+The model is loaded once, in a thread started with the worker (`worker_init`). This module imports neither
+torch nor the tasks' code until a worker starts: `include` loads worker.serving.tasks in the worker only.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 
 from celery import Celery, signals
@@ -44,18 +43,20 @@ def celery_config(settings: Settings) -> dict:
         # lost machine) leaves it to be delivered again; safe because tasks are idempotent.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # Take one message at a time: a second one prefetched would wait behind an hour of GPU work while
-        # another worker sits idle.
+        # Take as many messages as there are threads, no more: a message reserved beyond them would wait
+        # while another worker sits idle.
         "worker_prefetch_multiplier": 1,
-        "worker_concurrency": 1,
-        "worker_pool": "prefork",
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_pool": "threads",
+        # Enforced by prefork and solo pools only; in the thread pool the scheduler enforces the soft limit.
         "task_time_limit": limit,
-        "task_soft_time_limit": settings.soft_time_limit,  # SoftTimeLimitExceeded: the job fails, "timeout"
+        "task_soft_time_limit": settings.soft_time_limit,
         # Redis redelivers a message not acknowledged within the visibility timeout: it must outlast the
         # longest task, or a slow but healthy task would run twice. A worker that dies is noticed much
         # sooner than that: its job lease lapses and the API's reaper sends the job again
         # (service/recovery.py); the late redelivery then finds the job finished and does nothing.
         "broker_transport_options": {"visibility_timeout": limit + 600},
+        "broker_transport": "worker.serving.broker:Transport",  # see there: no restore on a lost connection
         "broker_connection_retry_on_startup": True,  # wait for Redis at startup instead of exiting
         "broker_connection_max_retries": None,
         # Redis acknowledgements survive a reconnect, so a blip of the broker must not throw away an hour
@@ -78,14 +79,13 @@ app = make_app()
 # ---- worker process lifecycle: load the model once, then heartbeat ------------------------------------
 
 _heartbeat = None
-_worker_pid: int | None = None  # the worker's main process; prefork children inherit the value
 
 
 @signals.worker_init.connect
-def _on_worker_init(**_) -> None:
-    """In the worker's main process, before the pool starts: refuse settings that would fail every task."""
-    global _worker_pid
-    _worker_pid = os.getpid()
+def _on_worker_init(sender=None, **_) -> None:
+    """In the worker process, before its pool starts: refuse settings that would fail every task, then load
+    the model in a thread (a 7B model takes longer than Celery waits for this signal). Tasks that arrive
+    meanwhile wait for it (the runtime loads it once, under a lock)."""
     from worker.serving.runtime import compression_config
 
     try:
@@ -93,14 +93,7 @@ def _on_worker_init(**_) -> None:
     except ValueError as error:
         logger.critical("worker cannot start: %s", error)
         raise SystemExit(1) from error  # celery's signal dispatch would log and swallow an Exception
-
-
-@signals.worker_process_init.connect
-def _on_process_init(sender=None, **_) -> None:
-    """In the process that runs tasks (the worker itself with --pool solo, each child with prefork)."""
-    # prefork gives this signal a few seconds; loading a 7B model takes longer, so it happens in a thread.
-    # Tasks that arrive meanwhile wait for the model (the runtime loads it once, under a lock).
-    name = str(sender or f"worker-{os.getpid()}")
+    name = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
     threading.Thread(target=_warm_up_then_beat, args=(name,), name="videoqa-warm-up", daemon=True).start()
 
 
@@ -113,10 +106,8 @@ def _warm_up_then_beat(name: str) -> None:
         current.warm_up()
     except Exception:
         # A wrong model path would fail every task: stop the whole worker, loudly, so that its supervisor
-        # (compose, `videoqa serve`) notices, rather than a prefork pool restarting a doomed child forever.
+        # (compose, `videoqa serve`) notices.
         logger.critical("worker %s cannot start: loading the model failed", name, exc_info=True)
-        if _worker_pid is not None and _worker_pid != os.getpid():
-            os.kill(_worker_pid, signal.SIGTERM)
         logging.shutdown()
         os._exit(1)
     logger.info("worker %s ready: model loaded, %s, heartbeating every %.0f s", name, allocator_in_use(),
@@ -124,8 +115,11 @@ def _warm_up_then_beat(name: str) -> None:
     _heartbeat = runtime.Heartbeat(current.records, name).start()
 
 
-@signals.worker_process_shutdown.connect  # prefork children
-@signals.worker_shutdown.connect  # the worker itself (--pool solo)
-def _on_process_shutdown(**_) -> None:
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_) -> None:
+    """After the pool's tasks have finished: stop beating, then stop the scheduler."""
+    from worker.serving import runtime
+
     if _heartbeat is not None:
         _heartbeat.stop()
+    runtime.current().close()

@@ -75,13 +75,14 @@ class Lease:
         self.token: int | None = None
         self.waited = False  # another holder had it first (set by whoever waited)
         self.lost = False
+        self.renewed_at = 0.0  # time.monotonic() of the last acquisition or renewal
 
     def acquire(self) -> bool:
         """Take the lease if nobody holds it; True with a new `token`."""
         token = self.client.eval(_ACQUIRE, 2, self.key, self.fence_key, self._ttl_ms, FENCE_TTL_S)
         if not token:
             return False
-        self.token, self.lost = int(token), False
+        self.token, self.lost, self.renewed_at = int(token), False, time.monotonic()
         return True
 
     def renew(self) -> bool:
@@ -89,7 +90,9 @@ class Lease:
         if self.token is None:
             return False
         renewed = bool(self.client.eval(_RENEW, 2, self.key, self.fence_key, self.token, self._ttl_ms))
-        if not renewed and not self.lost:
+        if renewed:
+            self.renewed_at = time.monotonic()
+        elif not self.lost:
             self.lost = True
             logger.warning("lease %s (token %s) was taken over by a newer holder", self.key, self.token)
         return renewed
@@ -104,6 +107,11 @@ class Lease:
             logger.warning("could not release lease %s: %s (it expires within %.0f s)", self.key, error,
                            self.ttl)  # fmt: skip
         self.token = None
+
+    def may_have_lapsed(self) -> bool:
+        """Lost, or not renewed for its whole time to live (this process was paused or cut off): another
+        holder may have it by now, and `check` asks Redis."""
+        return self.lost or time.monotonic() - self.renewed_at >= self.ttl
 
     def check(self) -> None:
         """Raise LeaseLost when a token newer than this holder's was handed out (none held: no check)."""

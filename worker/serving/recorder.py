@@ -3,8 +3,9 @@
 A task run makes a dozen writes from several functions, and every one follows the same rules: the record
 is written before its "status" or "done" event (readers re-read the record when they see one); a record
 that is missing means its job or video was deleted meanwhile, and the task stops quietly (`Gone`); a
-failure fails the video too only when the job is the video's index job and the video is not ready yet.
-`JobRecorder` keeps those rules in one place, so the task code says what happened and not how it is stored.
+failure fails the video too only when the job is the video's index job and the video is not ready yet; and
+a run whose job lease was taken over by a newer run writes nothing more (`LeaseLost`). `JobRecorder` keeps
+those rules in one place, so the task code says what happened and not how it is stored.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 
 from service.contract import JobStatus, VideoStatus
 from service.records import Records
+from worker.serving.leases import Lease
 
 # The engine reports (stage, fraction); video status only moves forward through these.
 _STAGE_STATUS = {
@@ -34,9 +36,10 @@ class JobRecorder:
     has only its video to write) and for the video the job is about (`video`: its record when the run
     began)."""
 
-    def __init__(self, records: Records, job_id: str | None, video: dict) -> None:
+    def __init__(self, records: Records, job_id: str | None, video: dict, lease: Lease | None = None) -> None:
         self.records = records
         self.job_id = job_id
+        self.lease = lease
         self.video_id = video["id"]
         # A ready video stays ready when its rebuild fails; an answer job never fails its video.
         self.fails_video = (
@@ -95,22 +98,34 @@ class JobRecorder:
 
     # ---- internals ----------------------------------------------------------------------------------------
 
+    def _fence(self) -> None:
+        """A run whose lease a newer run took over (it was paused, or cut off from Redis) writes nothing
+        more: LeaseLost stops it, and its answer or compression on the scheduler with it. Asked of Redis
+        only when the lease went unrenewed for its time to live: a resumed process writes before its
+        lease keeper runs again."""
+        if self.lease is not None and self.lease.may_have_lapsed():
+            self.lease.check()
+
     def _job_status(self, status: JobStatus, **fields) -> None:
+        self._fence()
         if self.job_id is not None and self.records.update_job(self.job_id, status=status, **fields):
             self.records.append_event(self.job_id, "status", {"status": status.value})
 
     def _finish(self, status: JobStatus, done: dict, **fields) -> None:
         """The terminal status and `fields`, then the "done" event (with `done` in it)."""
+        self._fence()
         if self.job_id is not None and self.records.update_job(
             self.job_id, status=status, finished_at=time.time(), **fields
         ):
             self.records.append_event(self.job_id, "done", {"status": status.value, **done})
 
     def _video(self, **fields) -> None:
+        self._fence()
         if not self.records.update_video(self.video_id, **fields):
             raise Gone(self.video_id)
 
     def _event(self, kind: str, data: dict) -> None:
+        self._fence()
         if self.job_id is not None and self.records.append_event(self.job_id, kind, data) is None:
             raise Gone(self.job_id)
 

@@ -1,5 +1,5 @@
-"""What one worker process holds: its settings, Redis and `Records`, the model (loaded once) and the cache
-tiers; plus the heartbeat that tells the API the worker is alive.
+"""What one worker process holds: its settings, Redis and `Records`, the model (loaded once), the scheduler
+that owns it and the cache tiers; plus the heartbeat that tells the API the worker is alive.
 
 Celery tasks reach it through `current()`; tests build their own `WorkerRuntime(Settings(...))`. Nothing
 here knows about Celery.
@@ -16,6 +16,7 @@ from service.contract import Settings
 from service.records import Records
 from worker.engine.adaretake import PRESETS, CompressionConfig
 from worker.engine.checkpoint_settings import read_checkpoint_settings, with_settings
+from worker.engine.scheduler import Scheduler, SchedulerConfig
 from worker.serving.leases import Lease, LeaseKeeper
 from worker.serving.tiers import DiskTier, MemoryStore, SingleFlight, TieredStore
 
@@ -38,6 +39,15 @@ def compression_config(settings: Settings) -> CompressionConfig:
     return with_settings(config, read_checkpoint_settings(settings.model))
 
 
+def scheduler_config(settings: Settings) -> SchedulerConfig:
+    return SchedulerConfig(
+        max_active=settings.scheduler_max_active,
+        max_admit=settings.scheduler_max_admit,
+        index_share=settings.scheduler_index_share,
+        cache_bytes=settings.scheduler_cache_bytes,
+    )
+
+
 class WorkerRuntime:
     """One per worker process. The model and the tiers are created on first use (thread-safe), so building a
     runtime is cheap and a bad preset fails at once, before any model is loaded."""
@@ -52,6 +62,7 @@ class WorkerRuntime:
         self.records = Records(self.client, self.keys)
         self._loaded = None
         self._store: TieredStore | None = None
+        self._scheduler: Scheduler | None = None
         self._init_lock = threading.Lock()
         self.keeper = LeaseKeeper(interval=settings.lease_seconds / 3)
 
@@ -84,6 +95,16 @@ class WorkerRuntime:
                     )
         return self._store
 
+    @property
+    def scheduler(self) -> Scheduler:
+        """The loop that owns the model: every task of this process submits its model work to it."""
+        if self._scheduler is None:
+            loaded = self.loaded
+            with self._init_lock:
+                if self._scheduler is None:
+                    self._scheduler = Scheduler(loaded, scheduler_config(self.settings))
+        return self._scheduler
+
     def single_flight(self, on_wait=None) -> SingleFlight:
         """The build lease for `get_or_compress`: one compression per artifact across all workers. A live
         builder is waited for as long as a task may run; a dead one's lease lapses within `lease_seconds`."""
@@ -98,9 +119,11 @@ class WorkerRuntime:
 
     def warm_up(self) -> None:
         """Load the model and open the tiers now rather than in the first task."""
-        _ = self.store
+        _ = self.store, self.scheduler
 
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
         if self._store is not None:
             self._store.close()
         self.client.close()

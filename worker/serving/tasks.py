@@ -18,6 +18,7 @@ call directly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import random
@@ -43,13 +44,8 @@ from service.contract import (
 )
 from service.conversations import Conversations
 from worker.engine.decode import VideoDecodeError
-from worker.engine.engine import (
-    IndexResult,
-    answer_from_artifact,
-    artifact_key,
-    compress_for_question,
-    get_or_compress,
-)
+from worker.engine.engine import IndexResult, artifact_key, compress_for_question, get_or_compress
+from worker.engine.scheduler import CacheBudgetExceeded, Cancelled, RequestTimeout
 from worker.serving import runtime as worker_runtime
 from worker.serving.celery_app import app
 from worker.serving.leases import Lease, LeaseLost
@@ -147,12 +143,13 @@ def index_video_job(rt: WorkerRuntime, video_id: str, lease: Lease | None = None
     job = records.get_job(job_id) if job_id else None
     if video["status"] == VideoStatus.FAILED or (job is not None and job["status"] in TERMINAL_JOB_STATES):
         return  # a redelivered message for work already recorded as done
-    recorder = JobRecorder(records, job_id, video)
+    deadline = time.monotonic() + rt.settings.soft_time_limit
+    recorder = JobRecorder(records, job_id, video, lease)
     recorder.running(started_at=time.time())
     result = None
     try:
         with _recording_failures(rt, video, recorder, lease):
-            result = _index(rt, video, recorder)
+            result = _index(rt, video, recorder, deadline)
             _check(lease)
     except Gone:
         logger.info("index %s: deleted while indexing", video_id)
@@ -183,10 +180,10 @@ def damage_warnings(report: dict) -> list[str]:
     ]
 
 
-def _index(rt: WorkerRuntime, video: dict, recorder: JobRecorder) -> IndexResult:
-    """The video's artifact via the tiers and the single-flight lock. While it is being built, progress goes
-    to the video (unless it is already ready: a rebuild after eviction) and to the job's events, and the
-    decoded frames become its thumbnails."""
+def _index(rt: WorkerRuntime, video: dict, recorder: JobRecorder, deadline: float) -> IndexResult:
+    """The video's artifact via the tiers and the single-flight lock. While it is being built (on the
+    scheduler, until `deadline`), progress goes to the video (unless it is already ready: a rebuild after
+    eviction) and to the job's events, and the decoded frames become its thumbnails."""
     records = rt.records
     path = video_path(rt, video)
     if not path.is_file():
@@ -205,6 +202,7 @@ def _index(rt: WorkerRuntime, video: dict, recorder: JobRecorder) -> IndexResult
             on_frame=thumbnails,
             lock=rt.single_flight(recorder.waiting_for_index),
             video_hash=identity,
+            run=functools.partial(rt.scheduler.run, deadline=deadline),
         )
         thumbnails.commit()
     finally:
@@ -254,7 +252,7 @@ def answer_job(rt: WorkerRuntime, job_id: str, lease: Lease | None = None) -> No
     if video is None:
         logger.info("answer %s: the video is gone", job_id)
         return
-    recorder = JobRecorder(records, job_id, video)
+    recorder = JobRecorder(records, job_id, video, lease)
     if video["status"] == VideoStatus.FAILED:
         message = f"the video could not be indexed: {video.get('error_message') or video.get('error_code')}"
         recorder.failed("video_failed", message)
@@ -270,9 +268,11 @@ def answer_job(rt: WorkerRuntime, job_id: str, lease: Lease | None = None) -> No
 
 
 def _answer(rt: WorkerRuntime, job: dict, video: dict, recorder: JobRecorder, lease: Lease | None) -> None:
+    """Answer on the scheduler, with every other request of this worker, until the task's soft limit."""
     records, job_id = rt.records, job["id"]
     question = job["question"]
     started = time.perf_counter()
+    deadline = time.monotonic() + rt.settings.soft_time_limit
     if job.get("mode") == AskMode.QUESTION_GUIDED:  # compressed for this question, from kept features
         artifact, reused = compress_for_question(
             rt.loaded,
@@ -282,6 +282,7 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict, recorder: JobRecorder, le
             rt.config,
             video_hash=cache_identity(video, rt.settings),
             on_progress=recorder.progress(track_video=False),
+            run=functools.partial(rt.scheduler.run, deadline=deadline),
         )
         records.incr_counter("engine", "compressions")
         records.incr_counter("engine", "features_reused" if reused else "features_recomputed")
@@ -289,7 +290,7 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict, recorder: JobRecorder, le
         cache = {"cache_hit": False, "cache_tier": CacheTier.NONE, "cache_reason": "question_guided"}
         timings = _video_timings_from(video_seconds)
     else:
-        result = _index(rt, video, recorder)
+        result = _index(rt, video, recorder, deadline)
         artifact = result.artifact
         cache = {"cache_hit": result.hit, "cache_tier": result.tier, "cache_reason": cache_reason(result)}
         records.incr_counter("cache", cache_reason(result))
@@ -299,10 +300,10 @@ def _answer(rt: WorkerRuntime, job: dict, video: dict, recorder: JobRecorder, le
     if job.get("conversation_id"):
         history = Conversations(records).history(job["conversation_id"], before_job_id=job_id)
     stream = recorder.token_stream()
-    reply = answer_from_artifact(
-        rt.loaded, artifact, question, max_new_tokens=job.get("max_new_tokens") or 128, on_text=stream,
-        history=history, max_history_tokens=rt.settings.conversation_history_tokens,
-    )  # fmt: skip
+    reply = rt.scheduler.submit_answer(
+        artifact, question, max_new_tokens=job.get("max_new_tokens") or 128, on_text=stream, history=history,
+        max_history_tokens=rt.settings.conversation_history_tokens, deadline=deadline,
+    ).result()  # fmt: skip
     stream.flush()
     timings |= {
         "question_prefill": reply.timings["prefill"],
@@ -386,18 +387,20 @@ def _recording_failures(
     the next message:
 
         bad upload (VideoDecodeError, missing file)  video and job failed with its code; never retried
-        soft time limit                              job failed, "timeout"
+        soft time limit (the scheduler's deadline)   job failed, "timeout"
+        an answer whose cache can never fit          job failed, "answer_too_large"
         CUDA out of memory                           job failed, "out_of_memory"; the CUDA cache emptied
         anything else (a bug, out of memory)         job failed, "internal_error"; logged with traceback
         disk full (ENOSPC, EDQUOT, EFBIG)            video and job failed, "storage_full"; nothing half-done
         transient Redis errors, Gone, LeaseLost      re-raised: the task retries, or stops quietly
+        Cancelled (the worker is shutting down)      re-raised: the lease lapses, the reaper sends it again
 
     Nothing is written once a newer run holds the job's `lease` (LeaseLost).
     An index job's failure fails its video too (unless the video is ready: then only a rebuild failed).
     """
     try:
         yield
-    except (Gone, LeaseLost, *TRANSIENT_ERRORS):
+    except (Gone, LeaseLost, Cancelled, *TRANSIENT_ERRORS):
         raise
     except (VideoDecodeError, UploadMissing) as error:
         _check(lease)
@@ -406,8 +409,11 @@ def _recording_failures(
         logger.info("video %s failed: %s (%s)", video["id"], message, error.code)
     except Exception as error:
         _check(lease)
-        if isinstance(error, SoftTimeLimitExceeded):
+        if isinstance(error, SoftTimeLimitExceeded | RequestTimeout):
             code, message = "timeout", "the task ran past its time limit (VIDEOQA_TASK_TIME_LIMIT)"
+        elif isinstance(error, CacheBudgetExceeded):
+            code = "answer_too_large"
+            message = "the answer's cache exceeds VIDEOQA_SCHEDULER_CACHE_BYTES; ask for fewer max_new_tokens"
         elif isinstance(error, OSError) and error.errno in STORAGE_FULL_ERRNOS:
             code, message = "storage_full", "the data volume is full; free space on it and upload again"
             logger.error("job %s about video %s: %s", recorder.job_id, video["id"], error)

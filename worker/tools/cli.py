@@ -263,7 +263,7 @@ def _cmd_train_needle(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from worker.tools.serve import serve
 
-    return serve(args.host, args.port, args.model, args.data_dir)
+    return serve(args.host, args.port, args.model, args.data_dir, workers=args.workers)
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -356,8 +356,8 @@ def build_parser(engine_commands: bool = True) -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="run the service here: the API, one worker and (without VIDEOQA_REDIS_URL) a redis-server",
-        description="Run the HTTP API (uvicorn) and one Celery worker, plus a redis-server on a free port "
+        help="run the service here: the API, workers and (without VIDEOQA_REDIS_URL) a redis-server",
+        description="Run the HTTP API (uvicorn) and Celery workers, plus a redis-server on a free port "
         "when VIDEOQA_REDIS_URL is not set. Other settings come from VIDEOQA_* variables (VIDEOQA_DEVICE, "
         "VIDEOQA_PRESET, VIDEOQA_API_KEYS, ...). Ctrl-C or SIGTERM stops everything.",
     )
@@ -370,6 +370,12 @@ def build_parser(engine_commands: bool = True) -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         help="uploads, artifacts and Redis data (default: VIDEOQA_DATA_DIR, else ./data)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes, each with its own model (%(default)s); on a GPU host, one per GPU",
     )
     serve.set_defaults(run=_cmd_serve)
     return parser

