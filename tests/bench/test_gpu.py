@@ -27,4 +27,6 @@ def test_gpu_bench_runs_on_cpu_with_the_tiny_shape():
     assert all(stage in out for stage in ("decode", "vision", "prefill", "compress"))
     assert re.search(r"follow-up from the artifact .*TTFT \d+\.\d+ s, [\d.]+ tokens/s", out)
     assert "question_guided: compress" in out
+    assert re.search(r"serving \(scheduler\): \(a\) .*\(b\) .*\(c\) [\d.]+ answers/s", out)
+    assert "serving (serial): (a)" in out
     assert (ROOT / "docs" / "benchmarks.md").read_text() == docs  # a CPU smoke run writes no figures
