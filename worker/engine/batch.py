@@ -53,14 +53,14 @@ class BatchedLayer(DynamicLayer):
             self._key_buffer[row, :, : k.shape[2]] = k[0]
             self._value_buffer[row, :, : v.shape[2]] = v[0]
         self._lengths = torch.tensor(self.lengths, device=first.device)
+        self._rows = torch.arange(len(keys), device=first.device)
         self.device, self.is_initialized = first.device, True
         self._set_views()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append one token per row (`[rows, kv_heads, 1, head_dim]`), each after its own row's tokens."""
-        rows = torch.arange(len(self.lengths), device=self.device)
-        self._key_buffer[rows, :, self._lengths] = key_states[:, :, 0]
-        self._value_buffer[rows, :, self._lengths] = value_states[:, :, 0]
+        self._key_buffer[self._rows, :, self._lengths] = key_states[:, :, 0]
+        self._value_buffer[self._rows, :, self._lengths] = value_states[:, :, 0]
         self._lengths += 1
         self.lengths = [n + 1 for n in self.lengths]
         self._set_views()

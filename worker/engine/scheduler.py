@@ -293,26 +293,32 @@ class Scheduler:
     def _loop(self) -> None:
         use_adaretake_attention(self.loaded)
         with torch.inference_mode():
-            while True:
-                self._wake.clear()
-                self._take_submitted()
-                if self._closed:
-                    self._end_all(Cancelled("the scheduler is closed"))
-                    return
-                self._drop_ended()
-                worked = False
-                if self._waiting or self._active:
-                    started = time.perf_counter()
-                    worked = self._admit() | self._decode()
-                    self._answer_seconds += time.perf_counter() - started
-                else:  # no answers: indexing banks no time against the next ones
-                    self._answer_seconds = self._index_seconds = 0.0
-                if self._jobs and self._index_turn():
-                    started = time.perf_counter()
-                    worked |= self._index_step()
-                    self._index_seconds += time.perf_counter() - started
-                if not worked:
-                    self._wake.wait(IDLE_POLL_S if self._jobs else None)
+            while not self._closed:
+                try:
+                    self._iterate()
+                except Exception as error:  # a bug here must not leave every waiting submitter hanging
+                    logger.exception("the scheduler's loop failed: ending every request it held")
+                    self._end_all(error)
+            self._take_submitted()
+            self._end_all(Cancelled("the scheduler is closed"))
+
+    def _iterate(self) -> None:
+        self._wake.clear()
+        self._take_submitted()
+        self._drop_ended()
+        worked = False
+        if self._waiting or self._active:
+            started = time.perf_counter()
+            worked = self._admit() | self._decode()
+            self._answer_seconds += time.perf_counter() - started
+        else:  # no answers: indexing banks no time against the next ones
+            self._answer_seconds = self._index_seconds = 0.0
+        if self._jobs and self._index_turn():
+            started = time.perf_counter()
+            worked |= self._index_step()
+            self._index_seconds += time.perf_counter() - started
+        if not worked:
+            self._wake.wait(IDLE_POLL_S if self._jobs else None)
 
     def _take_submitted(self) -> None:
         while True:
@@ -501,7 +507,7 @@ class Scheduler:
             return
         answer.request.finish(reply)
 
-    def _end_all(self, error: RequestEnded) -> None:
+    def _end_all(self, error: Exception) -> None:
         for job in self._jobs:
             job.steps.close()
             job.request.finish(error=error)

@@ -198,3 +198,17 @@ def test_the_cache_budget_admits_what_fits_and_refuses_what_never_can(loaded, ar
             scheduler.submit_answer(artifacts[0], QUESTIONS[0], max_new_tokens=max(sizes)).result()
     finally:
         scheduler.close()
+
+
+def test_a_failure_of_the_loop_itself_ends_its_requests_and_the_loop_goes_on(loaded, artifacts, scheduler):
+    admit = scheduler._admit
+
+    def broken_admission():
+        scheduler._admit = admit  # fails once
+        raise RuntimeError("a bug in admission")
+
+    scheduler._admit = broken_admission
+    with pytest.raises(RuntimeError, match="a bug in admission"):
+        scheduler.submit_answer(artifacts[0], QUESTIONS[0], max_new_tokens=TOKENS).result()
+    reply = scheduler.submit_answer(artifacts[1], QUESTIONS[1], max_new_tokens=TOKENS).result()
+    assert reply.token_ids == alone(loaded, artifacts[1], QUESTIONS[1]).token_ids
