@@ -251,20 +251,6 @@ class Scheduler:
         )
         return request
 
-    def cache_bytes_of(
-        self,
-        artifact: CompressedKV,
-        question: str,
-        *,
-        max_new_tokens: int = 128,
-        history: Sequence[tuple[str, str]] = (),
-        max_history_tokens: int = 2048,
-    ) -> int:
-        """Bytes of cache such an answer holds in the batch (on its own: padding not counted)."""
-        return self.token_bytes * sum(
-            self._capacities(artifact, question, max_new_tokens, history, max_history_tokens)
-        )
-
     def _capacities(self, artifact, question, max_new_tokens, history, max_history_tokens) -> list[int]:
         """Per layer: the cached tokens, the prompt and the answer."""
         prompt, _ = build_followup(self.loaded.tokenizer, question, history, max_history_tokens)

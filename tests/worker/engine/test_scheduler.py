@@ -13,7 +13,7 @@ from worker.engine.adaretake import CompressionConfig
 from worker.engine.config import SamplingConfig
 from worker.engine.engine import answer_from_artifact, compress_steps, compress_video
 from worker.engine.models import load_model
-from worker.engine.prompt import build_prompt
+from worker.engine.prompt import build_followup, build_prompt
 from worker.engine.scheduler import (
     CacheBudgetExceeded,
     Cancelled,
@@ -186,7 +186,9 @@ def test_a_failing_request_or_callback_leaves_the_others_served(loaded, artifact
 
 
 def test_the_cache_budget_admits_what_fits_and_refuses_what_never_can(loaded, artifacts):
-    sizes = [Scheduler(loaded).cache_bytes_of(a, QUESTIONS[0], max_new_tokens=TOKENS) for a in artifacts]
+    prompt = len(build_followup(loaded.tokenizer, QUESTIONS[0], (), 2048)[0].text1_ids)
+    token_bytes = Scheduler(loaded).token_bytes
+    sizes = [token_bytes * sum(n + prompt + TOKENS for n in a.lengths) for a in artifacts]
     scheduler = Scheduler(loaded, SchedulerConfig(cache_bytes=max(sizes)))  # room for one answer at a time
     try:
         requests = [scheduler.submit_answer(a, QUESTIONS[0], max_new_tokens=TOKENS) for a in artifacts]
