@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from worker.engine.adaretake import EvidenceScratch
+from worker.engine.generate import embed_tokens
 from worker.engine.models import LoadedModel
 
 
@@ -127,12 +128,11 @@ def decode_step(
 ) -> torch.Tensor:
     """Feed one token per row at its M-RoPE position (a text position, equal on all 3 axes), appending to
     each row's cache; returns the next logits `[rows, vocab]` in float32."""
-    ids = torch.tensor(token_ids, device=loaded.device)[:, None]  # [rows, 1]
     position_ids = torch.tensor(positions, device=loaded.device)[None, :, None].expand(
         3, -1, 1
     )  # [3, rows, 1]
     hidden = loaded.model.model.language_model(
-        inputs_embeds=loaded.model.get_input_embeddings()(ids),
+        inputs_embeds=embed_tokens(loaded, token_ids).transpose(0, 1),  # [rows, 1, hidden]
         position_ids=position_ids,
         cache=cache,
         use_cache=True,

@@ -44,7 +44,7 @@ from worker.engine.generate import (
     preallocated_cache,
 )
 from worker.engine.models import LoadedModel
-from worker.engine.prompt import build_followup, build_prompt
+from worker.engine.prompt import PromptSegments, build_followup, build_prompt
 from worker.engine.steps import StepFactory, Steps, drive, run_here
 from worker.engine.storage import (
     ArtifactKey,
@@ -391,18 +391,17 @@ class QuestionPrefill:
 def prefill_question(
     loaded: LoadedModel,
     artifact: CompressedKV,
-    question: str,
+    prompt: PromptSegments,
+    history_turns: int = 0,
     *,
     max_new_tokens: int = 128,
-    history: Sequence[tuple[str, str]] = (),
-    max_history_tokens: int = 2048,
 ) -> QuestionPrefill:
-    """Prefill the conversation's history and the question after the cached video, at their real positions,
-    into a fresh copy of the artifact's cache with room for `max_new_tokens` (the artifact is untouched)."""
+    """Prefill `prompt`'s text1 (the history kept by `build_followup`, the question, the assistant header)
+    after the cached video, at its real positions, into a fresh copy of the artifact's cache with room for
+    `max_new_tokens` (the artifact is untouched)."""
     use_adaretake_attention(loaded)
     text0 = int((artifact.token_frames[0] < 0).sum())
     evidence = EvidenceScratch(video_slices={i: slice(text0, n) for i, n in enumerate(artifact.lengths)})
-    prompt, history_turns = build_followup(loaded.tokenizer, question, history, max_history_tokens)
     text1 = prompt.text1_ids
     cache = cache_from_artifact(loaded, artifact, extra_tokens=len(text1) + max_new_tokens)
     positions = (artifact.next_position + torch.arange(len(text1), device=loaded.device)).expand(3, -1)
@@ -453,8 +452,8 @@ def answer_from_artifact(
         history: the conversation's earlier (question, answer) exchanges, oldest first: placed between the
             video and the question, the newest that fit `max_history_tokens`."""
     started = time.perf_counter()
-    prefill = prefill_question(loaded, artifact, question, max_new_tokens=max_new_tokens, history=history,
-                               max_history_tokens=max_history_tokens)  # fmt: skip
+    prompt, history_turns = build_followup(loaded.tokenizer, question, history, max_history_tokens)
+    prefill = prefill_question(loaded, artifact, prompt, history_turns, max_new_tokens=max_new_tokens)
     prefilled = time.perf_counter()
     token_ids = greedy_decode(
         loaded,

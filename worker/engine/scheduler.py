@@ -43,7 +43,7 @@ from worker.engine.engine import (
 )
 from worker.engine.generate import GreedyStream
 from worker.engine.models import LoadedModel
-from worker.engine.prompt import build_followup
+from worker.engine.prompt import PromptSegments, build_followup
 from worker.engine.steps import StepFactory, Steps
 
 logger = logging.getLogger(__name__)
@@ -162,13 +162,11 @@ class _StepJob:
 class _Answer:
     request: Request
     artifact: CompressedKV
-    question: str
+    prompt: PromptSegments  # tokenized by the submitter, so the loop only runs the model
+    history_turns: int
     max_new_tokens: int
-    history: Sequence[tuple[str, str]]
-    max_history_tokens: int
     top_k: int
     on_text: Callable[[str], None] | None
-    capacities: list[int]  # per layer: cached tokens + prompt + answer, what its batch row can hold
     prefill: QuestionPrefill | None = None
     stream: GreedyStream | None = None
     next_token: int | None = None
@@ -178,6 +176,12 @@ class _Answer:
     def position(self) -> int:
         """M-RoPE position of `next_token`."""
         return self.prefill.next_position + len(self.stream.token_ids) - 1
+
+    @property
+    def capacities(self) -> list[int]:
+        """Per layer: the cached tokens, the prompt and the answer: what its batch row can hold."""
+        extra = len(self.prompt.text1_ids) + self.max_new_tokens
+        return [n + extra for n in self.artifact.lengths]
 
     @property
     def room(self) -> int:
@@ -234,27 +238,10 @@ class Scheduler:
     ) -> Request:
         """Answer `question` from `artifact` as `answer_from_artifact` does, decoding in the shared batch;
         `result()` gives the `CachedAnswer` (its timings add "queue": seconds before admission)."""
+        prompt, history_turns = build_followup(self.loaded.tokenizer, question, history, max_history_tokens)
         request = Request(self._wake.set, deadline)
-        capacities = self._capacities(artifact, question, max_new_tokens, history, max_history_tokens)
-        self._submit(
-            _Answer(
-                request,
-                artifact,
-                question,
-                max_new_tokens,
-                history,
-                max_history_tokens,
-                top_k,
-                on_text,
-                capacities,
-            )
-        )
+        self._submit(_Answer(request, artifact, prompt, history_turns, max_new_tokens, top_k, on_text))
         return request
-
-    def _capacities(self, artifact, question, max_new_tokens, history, max_history_tokens) -> list[int]:
-        """Per layer: the cached tokens, the prompt and the answer."""
-        prompt, _ = build_followup(self.loaded.tokenizer, question, history, max_history_tokens)
-        return [n + len(prompt.text1_ids) + max_new_tokens for n in artifact.lengths]
 
     def close(self) -> None:
         """Stop the loop; whatever is still waiting or running ends with `Cancelled`."""
@@ -413,10 +400,9 @@ class Scheduler:
         answer.prefill = prefill_question(
             self.loaded,
             answer.artifact,
-            answer.question,
+            answer.prompt,
+            answer.history_turns,
             max_new_tokens=answer.max_new_tokens,
-            history=answer.history,
-            max_history_tokens=answer.max_history_tokens,
         )
         on_text = answer.request.relay(answer.on_text) if answer.on_text is not None else None
         answer.stream = GreedyStream(self.loaded, answer.max_new_tokens, on_text)
