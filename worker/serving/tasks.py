@@ -75,7 +75,7 @@ class GpuTask(Task):
     def runtime(self) -> WorkerRuntime:
         return worker_runtime.current()
 
-    def run_job(self, job_id: str, work: Callable[[WorkerRuntime, Lease], None]) -> None:
+    def run_job(self, job_id: str, work: Callable[[WorkerRuntime, Lease, float], None]) -> None:
         rt = self.runtime
         deadline = time.monotonic() + rt.settings.soft_time_limit
         lease = rt.job_lease(job_id)
@@ -84,7 +84,7 @@ class GpuTask(Task):
             return
         rt.keeper.add(lease)
         try:
-            with_transient_retries(lambda: work(rt, lease), deadline)
+            with_transient_retries(lambda: work(rt, lease, deadline), deadline)  # a retry keeps the deadline
         finally:
             rt.keeper.discard(lease)
             lease.release()
@@ -120,20 +120,23 @@ def with_transient_retries(call: Callable[[], T], deadline: float) -> T:
 @app.task(name=INDEX_TASK, base=GpuTask, bind=True)
 def index_video(self: GpuTask, video_id: str) -> None:
     """Compress the video once into its artifact (or find it), and mark it ready or failed."""
-    self.run_job(self.request.id, lambda rt, lease: index_video_job(rt, video_id, lease))
+    self.run_job(self.request.id, lambda rt, lease, deadline: index_video_job(rt, video_id, lease, deadline))
 
 
 @app.task(name=ANSWER_TASK, base=GpuTask, bind=True)
 def answer(self: GpuTask, job_id: str) -> None:
     """Answer the job's question about its video, streaming tokens to the job's events."""
-    self.run_job(job_id, lambda rt, lease: answer_job(rt, job_id, lease))
+    self.run_job(job_id, lambda rt, lease, deadline: answer_job(rt, job_id, lease, deadline))
 
 
 # ---- index ------------------------------------------------------------------------------------------------
 
 
-def index_video_job(rt: WorkerRuntime, video_id: str, lease: Lease | None = None) -> None:
-    """Index the video; with the job's `lease`, results are written only while no newer run holds it."""
+def index_video_job(
+    rt: WorkerRuntime, video_id: str, lease: Lease | None = None, deadline: float | None = None
+) -> None:
+    """Index the video; with the job's `lease`, results are written only while no newer run holds it. Its
+    model work ends at `deadline` (time.monotonic(); default: the soft time limit from now)."""
     records = rt.records
     video = records.get_video(video_id)
     if video is None:
@@ -143,7 +146,7 @@ def index_video_job(rt: WorkerRuntime, video_id: str, lease: Lease | None = None
     job = records.get_job(job_id) if job_id else None
     if video["status"] == VideoStatus.FAILED or (job is not None and job["status"] in TERMINAL_JOB_STATES):
         return  # a redelivered message for work already recorded as done
-    deadline = time.monotonic() + rt.settings.soft_time_limit
+    deadline = deadline or time.monotonic() + rt.settings.soft_time_limit
     recorder = JobRecorder(records, job_id, video, lease)
     recorder.running(started_at=time.time())
     result = None
@@ -242,8 +245,11 @@ def _mark_ready(rt: WorkerRuntime, recorder: JobRecorder, result: IndexResult) -
 # ---- answer -----------------------------------------------------------------------------------------------
 
 
-def answer_job(rt: WorkerRuntime, job_id: str, lease: Lease | None = None) -> None:
-    """Answer the job; with its `lease`, results are written only while no newer run holds it."""
+def answer_job(
+    rt: WorkerRuntime, job_id: str, lease: Lease | None = None, deadline: float | None = None
+) -> None:
+    """Answer the job; with its `lease`, results are written only while no newer run holds it. Its model work
+    ends at `deadline` (time.monotonic(); default: the soft time limit from now)."""
     records = rt.records
     job = records.get_job(job_id)
     if job is None or job["status"] in TERMINAL_JOB_STATES:
@@ -260,19 +266,22 @@ def answer_job(rt: WorkerRuntime, job_id: str, lease: Lease | None = None) -> No
     recorder.running(started_at=time.time())
     try:
         with _recording_failures(rt, video, recorder, lease):
-            _answer(rt, job, video, recorder, lease)
+            _answer(
+                rt, job, video, recorder, lease, deadline or time.monotonic() + rt.settings.soft_time_limit
+            )
     except Gone:
         logger.info("answer %s: deleted while answering", job_id)
     except LeaseLost as error:
         logger.warning("answer %s: a newer run took the job over (%s); its result stands", job_id, error)
 
 
-def _answer(rt: WorkerRuntime, job: dict, video: dict, recorder: JobRecorder, lease: Lease | None) -> None:
-    """Answer on the scheduler, with every other request of this worker, until the task's soft limit."""
+def _answer(
+    rt: WorkerRuntime, job: dict, video: dict, recorder: JobRecorder, lease: Lease | None, deadline: float
+) -> None:
+    """Answer on the scheduler, with every other request of this worker, until `deadline`."""
     records, job_id = rt.records, job["id"]
     question = job["question"]
     started = time.perf_counter()
-    deadline = time.monotonic() + rt.settings.soft_time_limit
     if job.get("mode") == AskMode.QUESTION_GUIDED:  # compressed for this question, from kept features
         artifact, reused = compress_for_question(
             rt.loaded,
