@@ -6,6 +6,10 @@ solid shape of one colour, 10-30% of the short side, visible for 1-2 seconds at 
 background footage and texture seeds of the "train" and "eval" splits never overlap, so evaluation
 videos show scenes the model has not seen. Questions with short answers come from fixed templates.
 
+Three kinds of spec: `random_spec` (a needle and 0-3 distractors), `binding_spec` (a shape among 1-3
+others, every shape and colour distinct: naming another shape's colour is always wrong) and `still_spec`
+(one second with several shapes on screen at once, the first lesson in binding colour to shape).
+
 Rendering is pure torch on uint8 frames; `write_video` encodes with PyAV (H.264), so evaluation goes
 through the same decoder and preprocessing as any uploaded video.
 """
@@ -36,6 +40,8 @@ COLOURS = {
 QUARTERS = ("first", "second", "third", "last")
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
 GENERIC_QUESTION = "Describe every shape that appears, in order."
+# The question types of the binding task, as `QA.kind`: each one a binding video can be asked.
+BINDING_KINDS = ("colour", "shape", "count", "order", "when")
 FRAME_SIZE = 112  # square frames: 8 x 8 patches of 14 px, 16 LLM tokens per two frames
 # Fraction of each clip's frames that the train split may use; eval uses the rest.
 TRAIN_SHARE = 0.6
@@ -114,30 +120,31 @@ def random_spec(
     *,
     depth: float | None = None,
     distractors: int | None = None,
+    distinct_colours: bool = False,
 ) -> VideoSpec:
     """A video of `seconds` with one needle and 0-3 distractors of other shapes, all at distinct times.
 
     Args:
         depth (float | None): where the needle's middle sits, as a fraction of the video (0 = start,
             1 = end); random when None.
-        distractors (int | None): how many other events; random 0-3 when None.
+        distractors (int | None): how many other events; random 0-3 (as many as fit) when None.
+        distinct_colours (bool): no two events share a colour (else each colour is drawn on its own).
     """
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    _check_split(split)
     rng = random.Random(f"{split}:{seed}")
-    # At most as many events as fit with their longest duration and the gaps (4 need 12 s).
-    fits = int((seconds - 2 * _MARGIN + _GAP) // (2.0 + _GAP))
+    fits = events_that_fit(seconds)
     count = 1 + (rng.randint(0, max(0, min(3, fits - 1))) if distractors is None else distractors)
     shapes = rng.sample(SHAPES, count)
     durations = [rng.uniform(1.0, 2.0) for _ in shapes]
     starts = _event_starts(rng, seconds, durations, depth)
-    events = []
+    events: list[Event] = []
     for shape, start, duration in zip(shapes, starts, durations, strict=True):
         size = round(rng.uniform(*SIZES) * FRAME_SIZE)
+        taken = {e.colour for e in events} if distinct_colours else set()
         events.append(
             Event(
                 shape=shape,
-                colour=rng.choice(tuple(COLOURS)),
+                colour=rng.choice([c for c in COLOURS if c not in taken]),
                 start=round(start, 3),
                 duration=round(duration, 3),
                 x=rng.randint(0, FRAME_SIZE - size),
@@ -146,6 +153,53 @@ def random_spec(
             )
         )
     return VideoSpec(seconds=seconds, events=tuple(events), background=_random_background(rng, split))
+
+
+def binding_spec(seed: int, seconds: float, split: str) -> VideoSpec:
+    """A video whose target shape appears among 1-3 other shapes (as many as fit), at distinct times, every
+    shape and every colour distinct: the colour of a named shape is only right if the model bound colour to
+    shape. Needs at least 6 s (two events)."""
+    most = min(4, events_that_fit(seconds))
+    if most < 2:
+        raise ValueError(f"a binding video needs two events; {seconds} s hold {most}")
+    rng = random.Random(f"binding:{split}:{seed}")
+    others = rng.randint(1, most - 1)
+    return random_spec(rng.randrange(1 << 62), seconds, split, distractors=others, distinct_colours=True)
+
+
+def still_spec(seed: int, split: str, shapes: int) -> VideoSpec:
+    """One second with `shapes` shapes (1-4) on screen throughout, their bounding squares apart, every shape
+    and colour distinct."""
+    _check_split(split)
+    rng = random.Random(f"still:{split}:{seed}")
+    kinds, colours = rng.sample(SHAPES, shapes), rng.sample(tuple(COLOURS), shapes)
+    boxes: list[tuple[int, int, int]] = []
+    while len(boxes) < shapes:  # rejection sampling: four squares of at most 30% always fit apart
+        size = round(rng.uniform(*SIZES) * FRAME_SIZE)
+        box = (rng.randint(0, FRAME_SIZE - size), rng.randint(0, FRAME_SIZE - size), size)
+        if not any(_overlap(box, other) for other in boxes):
+            boxes.append(box)
+    events = tuple(
+        Event(shape=shape, colour=colour, start=0.0, duration=1.0, x=x, y=y, size=size)
+        for shape, colour, (x, y, size) in zip(kinds, colours, boxes, strict=True)
+    )
+    return VideoSpec(seconds=1.0, events=events, background=_random_background(rng, split))
+
+
+def events_that_fit(seconds: float) -> int:
+    """How many events of the longest duration fit in `seconds` with the margins and gaps (4 need 12 s)."""
+    return int((seconds - 2 * _MARGIN + _GAP) // (2.0 + _GAP))
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+
+def _overlap(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    """Whether two bounding squares (x, y, size) share a pixel."""
+    (ax, ay, asize), (bx, by, bsize) = a, b
+    return ax < bx + bsize and bx < ax + asize and ay < by + bsize and by < ay + asize
 
 
 def _event_starts(rng: random.Random, seconds: float, durations: list[float], depth: float | None):
@@ -340,6 +394,18 @@ def event_colour_question(event: Event) -> QA:
     return QA("colour", f"What colour was the {event.shape}?", event.colour)
 
 
+def event_shape_question(event: Event) -> QA:
+    """Which shape had this event's colour (asked only where no other event has it)."""
+    return QA("shape", f"Which shape was {event.colour}?", event.shape)
+
+
+def binding_questions(spec: VideoSpec) -> list[QA]:
+    """The colour of every shape, then the shape of every colour that only one shape has."""
+    colours = [e.colour for e in spec.events]
+    qas = [event_colour_question(event) for event in spec.events]
+    return qas + [event_shape_question(e) for e in spec.events if colours.count(e.colour) == 1]
+
+
 def questions(spec: VideoSpec, rng: random.Random | None = None) -> list[QA]:
     """Every template that has one right answer for this video, in a fixed order."""
     rng = rng or random.Random(0)
@@ -349,7 +415,7 @@ def questions(spec: VideoSpec, rng: random.Random | None = None) -> list[QA]:
     qas = [colour_question(spec)]
     colours = [e.colour for e in events]
     if colours.count(target.colour) == 1:
-        qas.append(QA("shape", f"Which shape was {target.colour}?", target.shape))
+        qas.append(event_shape_question(target))
     quarter = min(3, int(4 * target.middle / spec.seconds))
     qas.append(QA("when", f"In which quarter of the video did the {target.shape} appear?", QUARTERS[quarter]))
     qas.append(QA("count", "How many shapes appeared?", COUNT_WORDS[len(events)]))

@@ -9,15 +9,20 @@ import pytest
 from worker.engine.config import SamplingConfig
 from worker.engine.decode import probe, sample_frames
 from worker.needle.videos import (
+    BINDING_KINDS,
     COLOURS,
     FRAME_SIZE,
     GENERIC_QUESTION,
     SHAPES,
     answer_matches,
+    binding_questions,
+    binding_spec,
     colour_question,
+    event_map,
     questions,
     random_spec,
     render_frame,
+    still_spec,
     write_video,
 )
 
@@ -100,6 +105,46 @@ def test_questions_follow_the_spec():
     a, b = qas["order"].question.removeprefix("Which came first, the ").rstrip("?").split(" or the ")
     first = min((e for e in spec.events if e.shape in (a, b)), key=lambda e: e.start)
     assert qas["order"].answer == first.shape
+
+
+@pytest.mark.parametrize("seconds", [6.0, 16.0, 64.0])
+def test_binding_videos_hold_two_to_four_distinct_shapes_and_colours(seconds):
+    counts = set()
+    for seed in range(100):
+        spec = binding_spec(seed, seconds, "eval")
+        assert spec == binding_spec(seed, seconds, "eval") and spec.seconds == seconds
+        assert 2 <= len(spec.events) <= 4
+        assert len({e.shape for e in spec.events}) == len({e.colour for e in spec.events}) == len(spec.events)
+        counts.add(len(spec.events))
+    assert counts == ({2} if seconds < 9 else {2, 3, 4})
+    with pytest.raises(ValueError, match="two events"):
+        binding_spec(0, 5.0, "train")
+
+
+def test_stills_show_every_shape_apart_for_the_whole_second():
+    for seed in range(50):
+        spec = still_spec(seed, "train", shapes=4)
+        assert spec.seconds == 1.0 and len(spec.events) == 4
+        assert len({e.shape for e in spec.events}) == len({e.colour for e in spec.events}) == 4
+        for t in (0.0, 0.5):
+            shown = event_map(spec, t)
+            for index, event in enumerate(spec.events):  # apart: no shape covers another's pixels
+                mask = shown[event.y : event.y + event.size, event.x : event.x + event.size] == index
+                assert mask.sum() > 0.3 * event.size**2
+    assert still_spec(1, "train", 2).background != still_spec(1, "eval", 2).background
+
+
+def test_binding_questions_ask_every_colour_and_every_unique_colour_s_shape():
+    spec = binding_spec(4, 16.0, "train")
+    qas = binding_questions(spec)
+    assert {qa.question: qa.answer for qa in qas if qa.kind == "colour"} == {
+        f"What colour was the {e.shape}?": e.colour for e in spec.events
+    }
+    assert {qa.question: qa.answer for qa in qas if qa.kind == "shape"} == {
+        f"Which shape was {e.colour}?": e.shape for e in spec.events
+    }
+    kinds = {qa.kind for qa in questions(spec)}
+    assert set(BINDING_KINDS) <= kinds  # every binding question type applies to every binding video
 
 
 def test_answers_are_matched_on_their_first_words():
