@@ -205,6 +205,12 @@ class Settings(BaseSettings):
     share_cache_across_tenants: bool = False
     # An upload that sends nothing for this long is answered 408 and its connection freed.
     upload_idle_timeout_seconds: float = Field(default=60.0, gt=0)
+    # The OpenAI-compatible API (/v1): the model id it reports (default: the name of VIDEOQA_MODEL's
+    # folder, or the hub id as given), how long a chat completion waits for its answer (indexing included),
+    # and the largest request body one may send (a video inlined as a data: URL, base64).
+    served_model_name: str = ""
+    chat_wait_seconds: float = Field(default=600.0, gt=0)
+    max_chat_body_bytes: int = Field(default=64 * 1024**2, gt=0)
 
     @field_validator("redis_url")
     @classmethod
@@ -227,6 +233,14 @@ class Settings(BaseSettings):
         """When a task is told to stop (SoftTimeLimitExceeded, recorded as "timeout"): 60 s before the hard
         limit, or a tenth of it for short limits, so a small limit never leaves a task a second."""
         return self.task_time_limit - min(60.0, self.task_time_limit / 10)
+
+    @property
+    def served_model(self) -> str:
+        """The model's id in /v1: VIDEOQA_SERVED_MODEL_NAME, else the checkpoint folder's name, else the
+        hub id."""
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model).name if Path(self.model).is_dir() else self.model
 
     @property
     def uploads_dir(self) -> Path:

@@ -4,7 +4,12 @@ Codes: bad_request, malformed_json, validation_error, question_empty, question_t
 invalid_multipart, missing_file, unauthorized, not_found, method_not_allowed, cors_rejected, video_failed,
 payload_too_large, unsupported_media_type, multipart_required, upload_timeout, storage_full,
 redis_unavailable, no_workers, queue_unavailable, invalid_token, invalid_range, range_not_satisfiable,
-conversation_mismatch, internal_error.
+conversation_mismatch, internal_error; under /v1 also invalid_purpose, invalid_messages, video_required,
+too_many_videos, invalid_data_url, unsupported_url, model_not_found, answer_timeout.
+
+Under /v1 (the OpenAI-compatible API) the same errors take OpenAI's shape, {"error": {"message", "type",
+"param", "code"}}, with the statuses OpenAI uses (a request that fails validation is a 400), so the `openai`
+SDKs raise their usual exception classes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
+from service.openai_schemas import OpenAIErrorBody
 from service.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
@@ -37,12 +43,22 @@ _CODE_BY_STATUS = {
 }
 
 
-class APIError(Exception):
-    """Raise anywhere in a request: becomes the JSON error body with this status and code."""
+OPENAI_PREFIX = "/v1/"
+_OPENAI_TYPE_BY_STATUS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                          429: "rate_limit_error"}  # fmt: skip
 
-    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None):
+
+class APIError(Exception):
+    """Raise anywhere in a request: becomes the JSON error body with this status and code (and, under /v1,
+    `param`: the request field at fault)."""
+
+    def __init__(
+        self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None,
+        param: str | None = None,
+    ):  # fmt: skip
         super().__init__(message)
         self.status_code, self.code, self.message, self.headers = status_code, code, message, headers
+        self.param = param
 
 
 def not_found(what: str) -> APIError:
@@ -50,7 +66,23 @@ def not_found(what: str) -> APIError:
     return APIError(404, "not_found", f"{what} not found")
 
 
-def error_response(status_code: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+def is_openai(path: str) -> bool:
+    """Whether a request path belongs to the OpenAI-compatible API, whose errors take OpenAI's shape."""
+    return path.startswith(OPENAI_PREFIX)
+
+
+def error_response(
+    status_code: int, code: str, message: str, headers: dict | None = None, *, path: str = "",
+    param: str | None = None,
+) -> JSONResponse:  # fmt: skip
+    """The error body for a request to `path`: ours, or OpenAI's shape under /v1."""
+    if is_openai(path):
+        status_code = 400 if status_code == 422 else status_code  # OpenAI's status for a bad parameter
+        kind = _OPENAI_TYPE_BY_STATUS.get(status_code, "server_error" if status_code >= 500 else
+                                          "invalid_request_error")  # fmt: skip
+        error = {"message": message, "type": kind, "param": param, "code": code}
+        return JSONResponse(OpenAIErrorBody.model_validate({"error": error}).model_dump(),
+                            status_code=status_code, headers=headers)  # fmt: skip
     body = ErrorBody.model_validate({"error": {"code": code, "message": message}})
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
@@ -60,30 +92,39 @@ def responses(*status_codes: int) -> dict[int | str, dict]:
     return {status: {"model": ErrorBody} for status in status_codes}
 
 
+def openai_responses(*status_codes: int) -> dict[int | str, dict]:
+    """`responses` for the /v1 routes: OpenAI's error body."""
+    return {status: {"model": OpenAIErrorBody} for status in status_codes}
+
+
 def _describe(error: dict) -> str:
     where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
     return f"{where}: {error.get('msg', 'invalid')}" if where else error.get("msg", "invalid")
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+    return error_response(exc.status_code, exc.code, exc.message, exc.headers, path=request.url.path,
+                          param=exc.param)  # fmt: skip
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
+    errors, path = exc.errors(), request.url.path
     if any(error.get("type") == "json_invalid" for error in errors):
-        return error_response(400, "malformed_json", "the request body is not valid JSON")
-    return error_response(422, "validation_error", "; ".join(_describe(error) for error in errors))
+        return error_response(400, "malformed_json", "the request body is not valid JSON", path=path)
+    param = ".".join(str(part) for part in errors[0].get("loc", ()) if part != "body") if errors else ""
+    message = "; ".join(_describe(error) for error in errors)
+    return error_response(422, "validation_error", message, path=path, param=param or None)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 405:  # Starlette's Allow names the methods of the first route that matched only
         allow = ", ".join(allowed_methods(request.app, request.scope))
         message = f"{request.method} is not allowed here; allowed: {allow}"
-        return error_response(405, "method_not_allowed", message, {"Allow": allow})
+        return error_response(405, "method_not_allowed", message, {"Allow": allow}, path=request.url.path)
     code = _CODE_BY_STATUS.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+    return error_response(exc.status_code, code, message, getattr(exc, "headers", None),
+                          path=request.url.path)  # fmt: skip
 
 
 def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
@@ -116,12 +157,12 @@ _REDIS_UNAVAILABLE_REPLIES = ("MISCONF", "OOM", "READONLY", "LOADING", "MASTERDO
 async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
     log.warning("redis error on %s %s: %s", request.method, request.url.path, exc)
     message = "the job store is unavailable; retry later"
-    return error_response(503, "redis_unavailable", message, {"Retry-After": "5"})
+    return error_response(503, "redis_unavailable", message, {"Retry-After": "5"}, path=request.url.path)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "internal error")
+    return error_response(500, "internal_error", "internal error", path=request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -150,6 +191,10 @@ def _openapi_with_error_body(app: FastAPI) -> dict:
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
         _document_limits(schemas, app.state.settings)
+        for path, operations in document["paths"].items():
+            if is_openai(path):  # answered with 400 there (documented by each route)
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
         app.openapi_schema = _replace_refs(document, "#/components/schemas/HTTPValidationError",
                                            "#/components/schemas/ErrorBody")  # fmt: skip
     return app.openapi_schema

@@ -13,34 +13,39 @@ MAX_BODY_BYTES = 1 << 20  # a question is at most a few kB: never read a huge JS
 
 class BodyLimitMiddleware:
     """Refuse request bodies over `max_bytes` with 413 payload_too_large, except the routes listed in
-    `streamed` ((method, path) pairs: the video upload, which streams to disk under its own limit)."""
+    `streamed` ((method, path) pairs: the video uploads, which stream to disk under their own limit) and
+    those given a limit of their own in `larger` ((method, path) -> bytes: a chat that inlines its video)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES, streamed: frozenset = frozenset()):
+    def __init__(
+        self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES, streamed: frozenset = frozenset(),
+        larger: dict[tuple[str, str], int] | None = None,
+    ):  # fmt: skip
         self.app = app
         self.max_bytes = max_bytes
         self.streamed = streamed
+        self.larger = larger or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (scope["method"], scope["path"].rstrip("/")) in self.streamed:
+        route = (scope.get("method"), scope.get("path", "").rstrip("/"))
+        if scope["type"] != "http" or route in self.streamed:
             await self.app(scope, receive, send)
             return
+        limit = self.larger.get(route, self.max_bytes)
+        message = f"the request body is larger than {limit} bytes"
         declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            response = error_response(413, "payload_too_large", self._message())
+        if declared.isdigit() and int(declared) > limit:
+            response = error_response(413, "payload_too_large", message, path=scope["path"])
             await response(scope, receive, send)
             return
         received = 0
 
         async def receive_within_limit() -> Message:
             nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:  # chunked, no Content-Length: stop reading here
-                    raise HTTPException(413, self._message())
-            return message
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > limit:  # chunked, no Content-Length: stop reading here
+                    raise HTTPException(413, message)
+            return event
 
         await self.app(scope, receive_within_limit, send)
-
-    def _message(self) -> str:
-        return f"the request body is larger than {self.max_bytes} bytes"

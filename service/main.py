@@ -22,7 +22,7 @@ from service.metrics import Metrics, MetricsMiddleware
 from service.queue import TaskQueue
 from service.records import Records
 from service.recovery import Reaper
-from service.routers import asks, conversations, health, jobs, media, page, videos
+from service.routers import asks, chat, conversations, files, health, jobs, media, models, page, videos
 from service.uploads import incoming_dir, sweep_incoming
 
 
@@ -72,12 +72,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         conversations.router,
         jobs.router,
         health.router,
+        models.router,
+        files.router,
+        chat.router,
     ):
         app.include_router(router)
     app.include_router(page.router)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, streamed=frozenset({("POST", "/videos")}))
+    app.add_middleware(
+        BodyLimitMiddleware, streamed=frozenset({("POST", "/videos"), ("POST", "/v1/files")}),
+        larger={("POST", "/v1/chat/completions"): settings.max_chat_body_bytes},
+    )  # fmt: skip
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(HeadMiddleware)
     if origins := settings.cors_origin_list():

@@ -165,6 +165,10 @@ class Records:
             raws = pipe.execute()
         return [_decode(raw) for raw in raws if raw], total
 
+    def video_rank(self, tenant: str, video_id: str) -> int | None:
+        """The video's place in `list_videos` (0: the newest), or None when the tenant has no such video."""
+        return self.client.zrevrank(self.keys.tenant_videos(tenant), video_id)
+
     def delete_video(self, video_id: str) -> dict | None:
         """Remove the video, its dedupe and listing entries, its jobs and their event streams, atomically.
 

@@ -16,12 +16,13 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio.to_thread
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
 
 from service.contract import STORAGE_FULL_ERRNOS, Settings
 from service.errors import APIError
@@ -30,6 +31,7 @@ FILE_FIELD = "file"
 SNIFF_BYTES = 4096
 WRITE_BATCH_BYTES = 1 << 20
 MULTIPART_SLACK_BYTES = 1 << 20  # Content-Length above max_upload_bytes + this: refuse before reading
+MAX_FIELDS, MAX_FIELD_BYTES = 16, 4096  # the form's text fields kept beside the file (purpose, ...)
 
 # The extension a stored upload gets, by sniffed container.
 EXTENSIONS = {
@@ -77,6 +79,14 @@ def sniff_container(head: bytes) -> str | None:
     return None
 
 
+def upload_body(**fields: dict) -> dict:
+    """The OpenAPI `openapi_extra` of a multipart upload route: the file, and these text fields (JSON
+    Schemas by name, all required)."""
+    properties = {FILE_FIELD: {"type": "string", "format": "binary"}, **fields}
+    schema = {"type": "object", "required": list(properties), "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
 def incoming_dir(settings: Settings) -> Path:
     """Where uploads are written while they arrive: on the uploads volume, so the final rename is atomic."""
     return settings.uploads_dir / ".incoming"
@@ -89,6 +99,7 @@ class ReceivedUpload:
     size_bytes: int
     sha256: str
     container: str
+    fields: dict[str, str] = field(default_factory=dict)  # the form's small text fields (purpose, ...)
 
     @property
     def extension(self) -> str:
@@ -102,10 +113,10 @@ def safe_filename(raw: bytes) -> str:
 
 
 class _Receiver:
-    """python-multipart callbacks: collects the `file` part into a batch the caller flushes to disk."""
+    """python-multipart callbacks: collects the `file` part into a batch the caller takes, and the small text
+    fields beside it (at most MAX_FIELDS of MAX_FIELD_BYTES each; longer ones are cut, more are dropped)."""
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self) -> None:
         self.header_name = b""
         self.header_value = b""
         self.disposition = b""
@@ -113,7 +124,8 @@ class _Receiver:
         self.file_seen = False
         self.file_done = False
         self.filename = ""
-        self.size = 0
+        self.field: str | None = None  # the text field being read
+        self.fields: dict[str, bytearray] = {}
         self.batch = bytearray()
 
     def callbacks(self) -> dict:
@@ -126,6 +138,14 @@ class _Receiver:
             "on_part_data": self.on_part_data,
             "on_part_end": self.on_part_end,
         }
+
+    def take(self) -> bytes:
+        """The file bytes received since the last call."""
+        batch, self.batch = bytes(self.batch), bytearray()
+        return batch
+
+    def text_fields(self) -> dict[str, str]:
+        return {name: value.decode("utf-8", errors="replace") for name, value in self.fields.items()}
 
     def _add(self, data: bytes, *, value: bool) -> None:
         if value:
@@ -143,25 +163,25 @@ class _Receiver:
 
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self.disposition)
-        if options.get(b"name") == FILE_FIELD.encode() and b"filename" in options and not self.file_seen:
+        name = options.get(b"name", b"")
+        if name == FILE_FIELD.encode() and b"filename" in options and not self.file_seen:
             self.in_file = self.file_seen = True
             self.filename = safe_filename(options[b"filename"])
+        elif b"filename" not in options and len(self.fields) < MAX_FIELDS:
+            self.field = name.decode("utf-8", errors="replace")
+            self.fields.setdefault(self.field, bytearray())
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if not self.in_file:
-            return  # other form fields are ignored, never buffered
-        self.size += end - start
-        if self.size > self.max_bytes:
-            raise _TooLarge
-        self.batch += data[start:end]
+        if self.in_file:
+            self.batch += data[start:end]
+        elif self.field is not None:
+            value = self.fields[self.field]
+            value += data[start : min(end, start + MAX_FIELD_BYTES - len(value))]
 
     def on_part_end(self) -> None:
         if self.in_file:
             self.in_file, self.file_done = False, True
-
-
-class _TooLarge(Exception):
-    pass
+        self.field = None
 
 
 class _FileSink:
@@ -196,6 +216,66 @@ class _FileSink:
             self.file.close()
 
 
+class _Spool:
+    """A video's bytes on their way to disk: size-capped, sniffed from the first bytes before anything big
+    is written, hashed and written in batches."""
+
+    def __init__(self, sink: _FileSink, max_bytes: int) -> None:
+        self.sink, self.max_bytes = sink, max_bytes
+        self.size = 0
+        self.container: str | None = None
+        self.batch = bytearray()
+
+    async def feed(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.max_bytes:
+            raise _too_large(self.max_bytes)
+        self.batch += data
+        if len(self.batch) >= max(SNIFF_BYTES, WRITE_BATCH_BYTES if self.container else 0):
+            self.container = self.container or _sniff_or_refuse(self.batch)
+            await self._flush()
+
+    async def finish(self) -> str:
+        """Write what is left and close the file -> the container."""
+        if self.size == 0:
+            raise APIError(400, "empty_upload", "the uploaded file is empty")
+        self.container = self.container or _sniff_or_refuse(self.batch)
+        await self._flush()
+        await self.sink.close()
+        return self.container
+
+    def received(self, filename: str, fields: dict[str, str] | None = None) -> ReceivedUpload:
+        return ReceivedUpload(self.sink.path, filename, self.size, self.sink.hash.hexdigest(),
+                              self.container or "", fields or {})  # fmt: skip
+
+    async def _flush(self) -> None:
+        batch, self.batch = bytes(self.batch), bytearray()
+        if batch:
+            await self.sink.write(batch)
+
+
+@contextlib.asynccontextmanager
+async def _spooling(directory: Path, max_bytes: int) -> AsyncIterator[_Spool]:
+    """A spool into a new file under `directory`, deleted when the block fails (507 when the volume is
+    full)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        sink = _FileSink(directory / f"{secrets.token_hex(16)}.part")
+    except OSError as exc:
+        if exc.errno in STORAGE_FULL_ERRNOS:
+            raise _storage_full() from exc
+        raise
+    try:
+        yield _Spool(sink, max_bytes)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            await sink.close()
+        sink.path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in STORAGE_FULL_ERRNOS:
+            raise _storage_full() from exc
+        raise
+
+
 async def receive_upload(
     chunks: AsyncIterator[bytes],
     *,
@@ -205,7 +285,8 @@ async def receive_upload(
     max_bytes: int,
     idle_timeout: float = 60.0,
 ) -> ReceivedUpload:
-    """Stream the multipart field `file` into a new file under `directory`; hash, size-check, sniff.
+    """Stream the multipart field `file` into a new file under `directory`; hash, size-check, sniff. The
+    form's other (text) fields come back in `fields`.
 
     Raises APIError: 415 multipart_required / unsupported_media_type, 413 payload_too_large, 400
     empty_upload / invalid_multipart, 422 missing_file, 408 upload_timeout (nothing arrived for
@@ -223,51 +304,52 @@ async def receive_upload(
     ):
         raise _too_large(max_bytes)
 
-    receiver = _Receiver(max_bytes)
+    receiver = _Receiver()
     parser = MultipartParser(params[b"boundary"], receiver.callbacks())
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        sink = _FileSink(directory / f"{secrets.token_hex(16)}.part")
-    except OSError as exc:
-        if exc.errno in STORAGE_FULL_ERRNOS:
-            raise _storage_full() from exc
-        raise
-    container: str | None = None
-    try:
+    async with _spooling(directory, max_bytes) as spool:
         try:
             async for chunk in _with_idle_timeout(chunks, idle_timeout):
                 parser.write(chunk)
-                if len(receiver.batch) >= max(SNIFF_BYTES, WRITE_BATCH_BYTES if container else 0):
-                    container = container or _sniff_or_refuse(receiver.batch)
-                    await _flush(receiver, sink)
+                await spool.feed(receiver.take())
             parser.finalize()
-        except _TooLarge:
-            raise _too_large(max_bytes) from None
         except FormParserError as exc:
             raise APIError(400, "invalid_multipart", "the multipart body is malformed") from exc
         if not receiver.file_seen:
             raise APIError(422, "missing_file", f"the multipart field {FILE_FIELD!r} (a file) is required")
         if not receiver.file_done:
             raise APIError(400, "invalid_multipart", "the multipart body ended inside the file")
-        if receiver.size == 0:
-            raise APIError(400, "empty_upload", "the uploaded file is empty")
-        container = container or _sniff_or_refuse(receiver.batch)
-        await _flush(receiver, sink)
-        await sink.close()
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            await sink.close()
-        sink.path.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in STORAGE_FULL_ERRNOS:
-            raise _storage_full() from exc
-        raise
-    return ReceivedUpload(sink.path, receiver.filename, receiver.size, sink.hash.hexdigest(), container)
+        await spool.feed(receiver.take())
+        await spool.finish()
+    return spool.received(receiver.filename, receiver.text_fields())
 
 
-async def _flush(receiver: _Receiver, sink: _FileSink) -> None:
-    batch, receiver.batch = bytes(receiver.batch), bytearray()
-    if batch:
-        await sink.write(batch)
+async def receive_request_upload(request: Request, settings: Settings) -> ReceivedUpload:
+    """`receive_upload` of a request's body, under the configured limits."""
+    return await receive_upload(
+        request.stream(),
+        content_type=request.headers.get("content-type", ""),
+        content_length=request.headers.get("content-length"),
+        directory=incoming_dir(settings),
+        max_bytes=settings.max_upload_bytes,
+        idle_timeout=settings.upload_idle_timeout_seconds,
+    )
+
+
+async def receive_file(
+    chunks: AsyncIterator[bytes],
+    *,
+    filename: str,
+    directory: Path,
+    max_bytes: int,
+    idle_timeout: float = 60.0,
+) -> ReceivedUpload:
+    """Store a stream that is the video itself (a data: URL's bytes, a download) as `receive_upload` stores
+    a multipart upload, with the same checks and errors."""
+    async with _spooling(directory, max_bytes) as spool:
+        async for chunk in _with_idle_timeout(chunks, idle_timeout):
+            await spool.feed(chunk)
+        await spool.finish()
+    return spool.received(filename)
 
 
 def _sniff_or_refuse(head: bytearray) -> str:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, Response
 
-from service.contract import JobStatus, VideoStatus
+from service.contract import VideoStatus
 from service.deps import ConversationsDep, QueueDep, RecordsDep, SettingsDep, TenantDep
 from service.errors import APIError, not_found, responses
 from service.schemas import AskCreate, JobPublic
-
-log = logging.getLogger(__name__)
+from service.submissions import submit_answer
 
 router = APIRouter(prefix="/ask", tags=["asks"])
 
@@ -55,22 +52,11 @@ def ask(
             raise not_found("conversation")
         if conversation["video_id"] != video["id"]:
             raise APIError(409, "conversation_mismatch", "the conversation is about another video")
-    try:
-        job = records.create_job(
-            tenant=tenant, video_id=video["id"], kind="answer", question=question, mode=body.mode.value,
-            max_new_tokens=max_new_tokens, conversation_id=conversation["id"],
-        )  # fmt: skip
-    except LookupError:
-        raise not_found("video") from None
+    job = submit_answer(
+        records, queue, tenant=tenant, video_id=video["id"], question=question, mode=body.mode.value,
+        max_new_tokens=max_new_tokens, conversation_id=conversation["id"],
+    )  # fmt: skip
     conversations.add_job(conversation["id"], job["id"])
-    try:
-        queue.answer(job["id"])
-    except Exception as exc:
-        log.error("could not enqueue %s: %s", job["id"], exc)
-        message = "the task queue is unavailable; ask again later"
-        error = {"error_code": "queue_unavailable", "error_message": message}
-        records.update_job(job["id"], status=JobStatus.FAILED, **error)
-        raise APIError(503, "queue_unavailable", message, headers={"Retry-After": "10"}) from exc
     response.headers["Location"] = f"/jobs/{job['id']}"
     response.headers["Retry-After"] = str(ANSWER_RETRY_AFTER_S)
     return JobPublic.from_record(job)

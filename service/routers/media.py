@@ -76,6 +76,11 @@ def mint_media_token(video_id: str, request: Request, records: RecordsDep, tenan
 )
 def video_content(video: MediaVideoDep, request: Request) -> FileResponse:
     """The uploaded file, streamed from disk, with HTTP Range support for seeking players."""
+    return content_response(video, request)
+
+
+def content_response(video: dict, request: Request) -> FileResponse:
+    """The video's uploaded file, whole or the bytes its Range asks for."""
     path = Path(video["path"])
     if not path.is_file():
         raise APIError(404, "not_found", "the video's file is missing from the data volume")

@@ -1,7 +1,10 @@
 """schemathesis against the live API (uvicorn, a real Redis) with the committed openapi.yaml: every
 generated request, valid and invalid, must get no 5xx and a response the document describes.
 
-Bounded and reproducible: a fixed seed, 20 examples per operation, no shrinking. Checks: all but
+Bounded and reproducible: a fixed seed, 20 examples per operation, no shrinking, one worker (Hypothesis
+describes its strategies through ast.parse, which is not thread-safe on CPython 3.11: with two workers the
+/v1 chat body's nested schemas fail at random with "SystemError: AST constructor recursion depth
+mismatch"). Checks: all but
 `positive_data_acceptance`, which expects every schema-valid request to succeed, while the API also judges
 what JSON Schema cannot say (an upload's bytes must be a video container, a question must not be blank).
 A heartbeat plays the worker's part, so that /readyz answers 200 as in a running deployment.
@@ -43,7 +46,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(redis_url, t
             [str(Path(sys.executable).with_name("st")), "run", str(DEFAULT_PATH), "--url", stack.base_url,
              "--header", f"Authorization: Bearer {KEY}", "--checks", "all",
              "--exclude-checks", "positive_data_acceptance", "--seed", "42", "--max-examples", "20",
-             "--phases", "examples,coverage,fuzzing", "--no-shrink", "--workers", "2",
+             "--phases", "examples,coverage,fuzzing", "--no-shrink", "--workers", "1",
              "--request-timeout", "30"],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip

@@ -22,11 +22,14 @@ def test_every_route_documents_its_response_and_error_body():
         for method, operation in operations.items():
             assert operation.get("description"), f"{method} {path} has no docstring"
             assert any(code.startswith("2") for code in operation["responses"]), f"{method} {path}"
+            body = "OpenAIErrorBody" if path.startswith("/v1/") else "ErrorBody"  # OpenAI's shape under /v1
             for code, response in operation["responses"].items():
                 if code.startswith(("4", "5")):
                     assert response["content"]["application/json"]["schema"] == {
-                        "$ref": "#/components/schemas/ErrorBody"
+                        "$ref": f"#/components/schemas/{body}"
                     }, f"{method} {path} {code}"
+            if path.startswith("/v1/"):
+                assert "422" not in operation["responses"], f"{method} {path}: /v1 answers 400"
 
 
 def test_check_mode_fails_on_drift(tmp_path):

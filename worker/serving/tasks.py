@@ -43,6 +43,7 @@ from service.contract import (
     VideoStatus,
 )
 from service.conversations import Conversations
+from worker.engine.artifact import CompressedKV
 from worker.engine.decode import VideoDecodeError
 from worker.engine.engine import IndexResult, artifact_key, compress_for_question, get_or_compress
 from worker.engine.scheduler import CacheBudgetExceeded, Cancelled, RequestTimeout
@@ -305,7 +306,7 @@ def _answer(
         records.incr_counter("cache", cache_reason(result))
         timings = _video_timings(result)
 
-    history = []
+    history = [tuple(turn) for turn in job.get("history") or []]  # sent with the question (/v1), or:
     if job.get("conversation_id"):
         history = Conversations(records).history(job["conversation_id"], before_job_id=job_id)
     stream = recorder.token_stream()
@@ -325,11 +326,20 @@ def _answer(
         answer=reply.text,
         token_count=len(reply.token_ids),
         history_turns=reply.history_turns,
+        **prompt_usage(artifact, reply.prompt_ids, cache["cache_hit"]),
         timeline=[[t, share] for t, share in reply.timeline],
         top_moments=[[t, share] for t, share in reply.top_moments],
         timings=_rounded(timings),
         **cache,
     )
+
+
+def prompt_usage(artifact: CompressedKV, prompt_ids: list[int], cache_hit: bool) -> dict[str, int]:
+    """The answer's prompt in tokens: the cached video (with the text before it; the mean over layers,
+    which keep different numbers) and the text after it; `cached_tokens`, the part served from the
+    compressed cache on a hit."""
+    cached = round(sum(artifact.lengths) / len(artifact.lengths))
+    return {"prompt_tokens": cached + len(prompt_ids), "cached_tokens": cached if cache_hit else 0}
 
 
 # ---- records ------------------------------------------------------------------------------------------

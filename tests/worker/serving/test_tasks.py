@@ -268,3 +268,19 @@ def test_a_full_volume_fails_the_video_with_storage_full_and_writes_no_artifact(
         assert rt.records.get_video(again["id"])["status"] == "ready"
     finally:
         rt.close()
+
+
+def test_history_sent_with_the_question_goes_into_the_prompt_and_usage_counts_the_cached_video(rt):
+    video = upload(rt, BUNNY, "history.mp4")
+    index_video_job(rt, video["id"])
+    plain = ask(rt, video["id"], "And then?")
+    answer_job(rt, plain)
+    followed = rt.records.create_job(
+        tenant=TENANT, video_id=video["id"], kind="answer", question="And then?", mode="cached",
+        max_new_tokens=4, history=[["What happens?", "A bunny wakes up."]],
+    )["id"]  # fmt: skip
+    answer_job(rt, followed)
+    plain, followed = rt.records.get_job(plain), rt.records.get_job(followed)
+    assert (plain["history_turns"], followed["history_turns"]) == (0, 1)
+    assert followed["cached_tokens"] == plain["cached_tokens"] > 0  # the compressed video, from the cache
+    assert followed["prompt_tokens"] > plain["prompt_tokens"] > plain["cached_tokens"]  # + the history
