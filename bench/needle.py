@@ -1,4 +1,5 @@
-"""Benchmark: needle QA and grounding with the trained needle checkpoints, for every compression method.
+"""Benchmark: needle QA, grounding and binding with the trained needle checkpoints, for every compression
+method.
 
 A needle video (`worker.needle.videos`, held-out backgrounds) shows one shape for 1-2 seconds at a chosen
 depth and no other shape, as in the paper's needle QA; the question is the needle's colour ("What colour
@@ -17,24 +18,32 @@ the uncompressed video tokens:
 Grounding: for each answer, whether the evidence timeline's top moment lies within 1 second of the
 needle's visible interval.
 
-Run: python bench/needle.py [--videos-per-depth 20] [--families qwen2_5_vl qwen2_vl] [--processes 6]
-     python bench/needle.py --smoke     # 2 videos, nothing written: checks the whole path in seconds
+Binding (bench/binding.py): a shape among 1-3 others, asked every binding question type, uncompressed,
+question-guided and cached with three guide prompts, at 5, 10 and 20%: what compressing once costs where
+the guide does not name the answer. Its section also holds the checkpoints' held-out accuracy.
+
+Run: python bench/needle.py [--videos-per-depth 20] [--binding-videos 60] [--families qwen2_5_vl qwen2_vl]
+                            [--task both] [--processes 6]
+     python bench/needle.py --smoke --task needle    # 2 needle videos, nothing written: the whole path
+     python bench/needle.py --smoke --task binding   # 1 binding video, nothing written
 """
 
 import argparse
 import dataclasses
 import datetime
 import json
-import math
 import multiprocessing
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import binding
 import torch
 from baselines import KEEP_ALL, evict_randomly, kept_video_tokens, subsampled
 from common import ROOT, write_section
+from proportions import paired_difference, pct, signed, wilson
 
 from worker.engine.adaretake import CompressionConfig
 from worker.engine.checkpoint_settings import read_checkpoint_settings, with_settings
@@ -46,6 +55,7 @@ from worker.needle.train import RECORD_FILE, TrainConfig
 from worker.needle.videos import answer_matches, colour_question, random_spec, write_video
 
 SECTION = "## Needle QA and grounding, trained checkpoints (bench/needle.py)"
+BINDING_SECTION = "## Binding colour to shape, trained checkpoints (bench/needle.py)"
 PLOT = ROOT / "docs" / "needle.png"
 CHECKPOINTS = ROOT / "models" / "needle"
 FAMILIES = ("qwen2_5_vl", "qwen2_vl")
@@ -56,6 +66,7 @@ CHUNK_FRAMES = 16  # 8-second chunks: five per video, so the temporal allocation
 ANSWER_TOKENS = 4
 GROUNDING_SECONDS = 1.0
 SEED = 7  # eval videos: random_spec(SEED * 1000 + ..., split="eval"), disjoint from training by split
+BINDING_JOB_VIDEOS = 5  # binding videos per pooled job
 
 UNCOMPRESSED = "uncompressed"
 QG = "question-guided adakv + paper"
@@ -146,34 +157,36 @@ def run_depth(job: tuple[Path, int, int]) -> list[tuple[float, dict]]:
     return rows
 
 
-def run(folders: dict[str, Path], videos_per_depth: int, depth_indices: range, processes: int) -> dict:
-    """Every (model, depth) job over a pool of processes (videos are independent; one torch thread
-    each)."""
-    jobs = [(folder, d, videos_per_depth) for folder in folders.values() for d in depth_indices]
+def pooled(worker, jobs: list, processes: int) -> list:
+    """`worker` over `jobs` in a pool of processes (videos are independent; one torch thread each)."""
     if processes > 1:
         with multiprocessing.get_context("spawn").Pool(processes) as pool:
-            done = pool.map(run_depth, jobs, chunksize=1)
-    else:
-        done = [run_depth(job) for job in jobs]
-    results = {family: {"rows": [], "base": base_config(folder), "folder": folder}
+            return pool.map(worker, jobs, chunksize=1)
+    return [worker(job) for job in jobs]
+
+
+def run(folders: dict[str, Path], videos_per_depth: int, depth_indices: range, binding_videos: int,
+        processes: int) -> dict:  # fmt: skip
+    """Every (model, depth) needle job, then every model's binding videos in jobs of BINDING_JOB_VIDEOS:
+    per family {"rows": [(depth, outcomes)], "binding": [outcomes], "base", "folder"}."""
+    results = {family: {"rows": [], "binding": [], "base": base_config(folder), "folder": folder}
                for family, folder in folders.items()}  # fmt: skip
     names = {folder: family for family, folder in folders.items()}
-    for (folder, _, _), rows in zip(jobs, done, strict=True):
+    needle_jobs = [(folder, d, videos_per_depth) for folder in folders.values() for d in depth_indices]
+    for (folder, _, _), rows in zip(needle_jobs, pooled(run_depth, needle_jobs, processes), strict=True):
         results[names[folder]]["rows"] += rows
+    binding_jobs = [
+        (folder, base_config(folder), SECONDS, range(start, min(start + BINDING_JOB_VIDEOS, binding_videos)))
+        for folder in folders.values()
+        for start in range(0, binding_videos, BINDING_JOB_VIDEOS)
+    ]
+    done = pooled(binding.run_videos, binding_jobs, processes)
+    for (folder, *_), rows in zip(binding_jobs, done, strict=True):
+        results[names[folder]]["binding"] += rows
     return results
 
 
 # ---- statistics -----------------------------------------------------------------------------------
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
 
 
 def cells(result: dict, key: str) -> dict:
@@ -185,21 +198,7 @@ def cells(result: dict, key: str) -> dict:
     return table
 
 
-def paired_difference(a: list[bool], b: list[bool]) -> tuple[float, float]:
-    """Mean of a - b over the same videos and its 95% half-width (normal approximation)."""
-    diffs = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)
-    return mean, 1.96 * math.sqrt(var / n)
-
-
 # ---- the report -----------------------------------------------------------------------------------
-
-
-def pct(values: list[bool]) -> str:
-    low, high = wilson(sum(values), len(values))
-    return f"{sum(values) / len(values):.0%} [{low:.0%}, {high:.0%}]"
 
 
 def accuracy_table(result: dict, key: str) -> list[str]:
@@ -221,8 +220,7 @@ def cost_table(results: dict) -> list[str]:
         for share in BUDGET_SHARES:
             diff, half = paired_difference(table[CACHED, share], table[QG, share])
             guided, cached = pct(table[QG, share]), pct(table[CACHED, share])
-            interval = f"{diff:+.0%} [{diff - half:+.0%}, {diff + half:+.0%}]"
-            lines.append(f"| {family} | {share:.0%} | {guided} | {cached} | {interval} |")
+            lines.append(f"| {family} | {share:.0%} | {guided} | {cached} | {signed(diff, half)} |")
     return lines
 
 
@@ -272,6 +270,77 @@ def training_table(results: dict) -> list[str]:
     return lines
 
 
+def held_out_table(results: dict) -> list[str]:
+    """The held-out colour accuracy each checkpoint's training.json recorded, uncompressed, by task and
+    length, with 95% Wilson intervals."""
+    lengths = [f"{f}x ({f * TrainConfig().max_seconds:g} s)" for f in (1, 2, 4)]
+    lines = ["| model | task | " + " | ".join(lengths) + " |", "|---|---|---:|---:|---:|"]
+    for family, result in results.items():
+        record = json.loads((result["folder"] / RECORD_FILE).read_text())
+        n, by_task = record["eval_videos"], {}
+        for key, value in record["colour_accuracy"].items():
+            length, task = key.split(", ")
+            by_task.setdefault(task, []).append(round(value * n))
+        for task, rights in by_task.items():
+            cells = [f"{r / n:.0%} [{wilson(r, n)[0]:.0%}, {wilson(r, n)[1]:.0%}]" for r in rights]
+            lines.append(f"| {family} | {task} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def run_line(seconds: float) -> str:
+    command = " ".join(["python bench/needle.py", *sys.argv[1:]])
+    return (f"Run on {datetime.date.today().isoformat()} with `{command}` in {seconds / 60:.0f} min "
+            f"({platform.machine()}, CPU, fp32).")  # fmt: skip
+
+
+def binding_section(results: dict, seconds: float) -> str:
+    any_result = next(iter(results.values()))
+    base: CompressionConfig = any_result["base"]
+    parts = [
+        BINDING_SECTION,
+        "",
+        run_line(seconds),
+        "",
+        "### Held-out colour accuracy, uncompressed",
+        "",
+        '"What colour was the <shape>?" on held-out footage, the shape alone (needle) or among 1-3 other '
+        "shapes of distinct kinds and colours at other times (binding); recorded in each checkpoint's "
+        f"`training.json` by `videoqa train-needle` (commands in the table below). Training lengths "
+        f"{TrainConfig().min_seconds:g}-{TrainConfig().max_seconds:g} s.",
+        "",
+        *held_out_table(results),
+        "",
+        "### The cost of compressing once, per question type",
+        "",
+        f"- Videos: {len(any_result['binding'])} held-out binding videos per model, {SECONDS:g} s (twice the "
+        "longest training video), 2-4 shapes of distinct kinds and colours at distinct times; every video is "
+        "asked one question of each type: colour (of a named shape), shape (which one had a colour), count, "
+        "order (which of two came first), when (in which quarter).",
+        f"- Sampling {base.sampling.fps:g} fps, {base.sampling.long_side} px, chunks of {base.chunk_frames} "
+        "frames, adakv + paper temporal allocation; budgets are shares of the uncompressed video tokens. "
+        "Question-guided compresses for each question; cached compresses once per video and guide, then "
+        "answers all five questions from that cache. Guides: "
+        + "; ".join(f"{label}: {prompt!r}" for label, prompt in binding.guides(any_result["folder"]).items())
+        + ".",
+        "- Cells: accuracy (first words of the answer) with its 95% Wilson interval; differences are paired "
+        "over the same questions (95% normal interval), **bold** where a cached guide loses more than "
+        f"{binding.LOSS_TO_EXPLAIN:.0%}.",
+        "",
+    ]
+    for family, result in results.items():
+        folder, rows = result["folder"], result["binding"]
+        parts += [f"### {family}: binding accuracy", "", *binding.accuracy_table(rows, folder), ""]
+        parts += [f"### {family}: cached minus question-guided", "", *binding.cost_table(rows, folder), ""]
+        share = binding.BUDGET_SHARES[0]
+        parts += [f"### {family}: where the budget went at {share:.0%}", "",
+                  "Per layer, the share of the video tokens kept in the temporal grids where the shapes the "
+                  "question names are on screen (all shapes for count), mean over the videos; the last "
+                  "column counts the answers right where no layer kept the budget's share of those grids.",
+                  "",
+                  *binding.evidence_table(rows, folder, share), ""]  # fmt: skip
+    return "\n".join(parts)
+
+
 def section(results: dict, videos_per_depth: int, seconds: float) -> str:
     any_result = next(iter(results.values()))
     base: CompressionConfig = any_result["base"]
@@ -279,8 +348,7 @@ def section(results: dict, videos_per_depth: int, seconds: float) -> str:
     parts = [
         SECTION,
         "",
-        f"Run on {datetime.date.today().isoformat()} with `python bench/needle.py --videos-per-depth "
-        f"{videos_per_depth}` in {seconds / 60:.0f} min ({platform.machine()}, CPU, fp32).",
+        run_line(seconds),
         "",
         f"- Models: the trained checkpoints in `models/needle/` (see `training.json` beside each). Videos: "
         f"{SECONDS:g} s (twice the longest training video), held-out backgrounds, needle at {len(DEPTHS)} "
@@ -316,7 +384,7 @@ def plot(results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, len(results), figsize=(6 * len(results), 12), squeeze=False)
+    fig, axes = plt.subplots(4, len(results), figsize=(6 * len(results), 16), squeeze=False)
     for column, (family, result) in enumerate(results.items()):
         table = cells(result, "right")
         ax = axes[0][column]
@@ -340,8 +408,9 @@ def plot(results: dict) -> None:
         record = json.loads((result["folder"] / RECORD_FILE).read_text())
         curve = axes[2][column]
         curve.plot([25 * i for i in range(len(record["losses_every_25"]))], record["losses_every_25"])
-        curve.set(title=f"{family}: training loss (answers + token target)", xlabel="step",
+        curve.set(title=f"{family}: training loss (answers + token targets)", xlabel="step",
                   ylabel="cross-entropy", yscale="log")  # fmt: skip
+        binding.plot_accuracy(axes[3][column], family, result["binding"], result["folder"])
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
 
@@ -351,25 +420,39 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--task", choices=("needle", "binding", "both"), default="both",
+                        help="which sections to run and write; the plot only with both")  # fmt: skip
     parser.add_argument("--videos-per-depth", type=int, default=20)
+    parser.add_argument("--binding-videos", type=int, default=60, help="binding videos per model")
     parser.add_argument("--processes", type=int, default=6, help="parallel worker processes")
     parser.add_argument("--checkpoints", type=Path, default=CHECKPOINTS, help="folder of FAMILY checkpoints")
-    parser.add_argument("--smoke", action="store_true", help="2 videos of one family; writes nothing")
+    parser.add_argument("--smoke", action="store_true", help="a video or two of one family; writes nothing")
     args = parser.parse_args()
-    if not args.smoke:
-        import matplotlib  # noqa: F401  (fail before the run, not after it: the plot needs it)
-    started = time.perf_counter()
+    needle, binding_task = args.task in ("needle", "both"), args.task in ("binding", "both")
     if args.smoke:
         family = args.families[0]
-        result = run({family: args.checkpoints / family}, 1, range(0, len(DEPTHS), 9), 1)[family]
-        print("\n".join(accuracy_table(result, "right")))
+        depths = range(0, len(DEPTHS), 9) if needle else range(0)
+        result = run({family: args.checkpoints / family}, 1, depths, int(binding_task), 1)[family]
+        if needle:
+            print("\n".join(accuracy_table(result, "right")))
+        if binding_task:
+            print("\n".join(binding.accuracy_table(result["binding"], result["folder"])))
         return
+    if args.task == "both":
+        import matplotlib  # noqa: F401  (fail before the run, not after it: the plot needs it)
+    started = time.perf_counter()
     folders = {family: args.checkpoints / family for family in args.families}
-    results = run(folders, args.videos_per_depth, range(len(DEPTHS)), args.processes)
-    text = section(results, args.videos_per_depth, time.perf_counter() - started)
-    plot(results)
-    print(text)
-    write_section(SECTION, text)
+    depths = range(len(DEPTHS)) if needle else range(0)
+    results = run(
+        folders, args.videos_per_depth, depths, args.binding_videos if binding_task else 0, args.processes
+    )
+    seconds = time.perf_counter() - started
+    if needle:
+        write_section(SECTION, section(results, args.videos_per_depth, seconds))
+    if binding_task:
+        write_section(BINDING_SECTION, binding_section(results, seconds))
+    if args.task == "both":
+        plot(results)
 
 
 if __name__ == "__main__":
