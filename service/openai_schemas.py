@@ -137,6 +137,9 @@ class ChatMessage(BaseModel):
     content: Text | list[ContentPart] | None = None
 
 
+StopText = Annotated[Text, Field(min_length=1, max_length=256)]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -152,6 +155,17 @@ class ChatCompletionCreate(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1, strict=True)
     max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
+    temperature: float | None = Field(default=None, ge=0, le=2, description="Absent or 0: greedy.")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(
+        default=None, ge=-(2**63), lt=2**64, description="The same seed, the same answer."
+    )
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(
+        default=None, description="The answer ends before the first of these strings (at most 4)."
+    )
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 # ---- chat completions: the response ------------------------------------------------------------------

@@ -74,6 +74,7 @@ async def create_chat_completion(
         lambda: submit_answer(
             records, queue, tenant=tenant, video_id=video["id"], question=turns.question,
             mode=AskMode.CACHED.value, max_new_tokens=max_new_tokens, history=turns.history,
+            temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_strings(),
         )
     )  # fmt: skip
     if body.stream:

@@ -44,8 +44,10 @@ def client(served) -> openai.OpenAI:
 
 def chat(client, content, **extra):
     model = client.models.list().data[0].id
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                          max_tokens=4, **extra)  # fmt: skip
+    extra.setdefault("max_tokens", 4)
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], **extra
+    )
 
 
 def text(question: str = "What happens?") -> dict:
@@ -95,6 +97,23 @@ def test_a_data_url_and_vllms_uuid_form(client):
     assert by_uuid.model_extra["videoqa"]["video_id"] == video_id
     assert by_uuid.usage.prompt_tokens_details.cached_tokens > 0  # the data: URL's video, compressed once
     assert by_uuid.choices[0].message.content == inline.choices[0].message.content
+
+
+def test_sampling_seeded_greedy_and_stopped(client):
+    with BIKES.open("rb") as video:
+        file = client.files.create(file=video, purpose="vision")
+    content = [{"type": "file", "file": {"file_id": file.id}}, text()]
+
+    def answer(**sampling) -> str:
+        return chat(client, content, max_tokens=8, **sampling).choices[0].message.content
+
+    greedy = answer()
+    assert answer(temperature=0) == greedy  # absent or 0: greedy, the default
+    drawn = answer(temperature=1.0, seed=3)
+    assert answer(temperature=1.0, seed=3) == drawn  # a seed repeats its answer
+    assert drawn != greedy
+    stop = drawn[len(drawn) // 2 :][:2]
+    assert answer(temperature=1.0, seed=3, stop=stop) == drawn[: drawn.index(stop)]
 
 
 def test_the_sdks_exception_classes(client, served_in, tmp_path):

@@ -289,3 +289,37 @@ def test_a_failed_answer_is_an_error_and_a_slow_one_a_timeout(client, make_clien
     with pytest.raises(openai.APIStatusError) as slow:
         ask(sdk(impatient), [video_part(file.id), {"type": "text", "text": "Hi?"}])
     assert slow.value.status_code == 504 and slow.value.code == "answer_timeout"
+
+
+def test_sampling_parameters_go_to_the_answer_job(client, records):
+    file = upload(client, fake_mp4(15))
+    content = [video_part(file.id), {"type": "text", "text": "Hi?"}]
+    with answering_worker(records) as answered:
+        ask(client, content, temperature=0.7, top_p=0.9, seed=5, stop=["\n", "END"])
+        ask(client, content, stop="END")
+        ask(client, content)
+    sampled, one_stop, default = answered
+    assert (sampled["temperature"], sampled["top_p"], sampled["seed"], sampled["stop"]) == (
+        0.7,
+        0.9,
+        5,
+        ["\n", "END"],
+    )
+    assert one_stop["stop"] == ["END"]
+    assert (default["temperature"], default["top_p"], default["seed"], default["stop"]) == (
+        None,
+        None,
+        None,
+        [],
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"),
+     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop")],
+)  # fmt: skip
+def test_sampling_parameters_out_of_range_are_400(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(client, [video_part("vid_x"), {"type": "text", "text": "Hi?"}], **extra)
+    assert error.value.param.startswith(param), error.value.body

@@ -417,12 +417,14 @@ def finish_answer(
     token_ids: list[int],
     timings: dict[str, float],
     top_k: int = 5,
+    text: str | None = None,
 ) -> CachedAnswer:
-    """The answer's text and its evidence: where in the video the question and answer tokens looked."""
+    """The answer's text (`text` when given: the decoded tokens cut at a stop string) and its evidence:
+    where in the video the question and answer tokens looked."""
     started = time.perf_counter()
     timeline = evidence_timeline(artifact, prefill.evidence.video_mass(), prefill.text0)
     return CachedAnswer(
-        text=loaded.tokenizer.decode(token_ids, skip_special_tokens=True),
+        text=loaded.tokenizer.decode(token_ids, skip_special_tokens=True) if text is None else text,
         token_ids=token_ids,
         timeline=timeline,
         top_moments=sorted(timeline, key=lambda item: -item[1])[:top_k],

@@ -1,4 +1,4 @@
-"""M-RoPE positions, prefill and greedy decoding on the language model, with explicit positions.
+"""M-RoPE positions, prefill and decoding on the language model, with explicit positions.
 
 Positions are always passed explicitly: `generate()` would derive them from the physical cache
 length, which stops matching the real positions once video tokens are evicted from the cache.
@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from worker.engine.models import LoadedModel
+from worker.engine.token_sampling import GREEDY, TokenSampling, choose_token
 
 
 def multimodal_position_ids(
@@ -167,14 +168,20 @@ class IncrementalText:
         return delta
 
 
-class GreedyStream:
-    """Greedy decoding one step at a time: the token each step's logits choose, its text streamed, and when
-    the answer ends (an end-of-turn token, or `max_new_tokens`). `greedy_decode` feeds it from one cache;
-    the scheduler feeds one per row of a batched decode step.
+class DecodeStream:
+    """Decoding one step at a time: the token each step's logits choose (`choose_token`: greedy unless
+    `sampling` says otherwise), its text streamed, and when the answer ends (an end-of-turn token, a stop
+    string, or `max_new_tokens`). `greedy_decode` feeds it from one cache; the scheduler feeds one per row
+    of a batched decode step.
+
+    Text that may be the start of a stop string is held back until the next tokens tell; the answer ends
+    before the first stop string, which is never shown (`answer_text`), while `token_ids` keep every
+    generated token.
 
     Args:
         on_text: receives decoded text as it is generated.
         on_step: receives each step's logits `[vocab]` (float32), the prefill's included.
+        sampling (TokenSampling): how tokens are chosen, and the stop strings.
     """
 
     def __init__(
@@ -183,12 +190,16 @@ class GreedyStream:
         max_new_tokens: int,
         on_text: Callable[[str], None] | None = None,
         on_step: Callable[[torch.Tensor], None] | None = None,
+        sampling: TokenSampling = GREEDY,
     ) -> None:
         self.text = IncrementalText(loaded.tokenizer)
         self.eos_token_ids = loaded.eos_token_ids
         self.max_new_tokens = max_new_tokens
         self.on_text = on_text
         self.on_step = on_step
+        self.sampling = sampling
+        self.generator = sampling.generator()
+        self.shown = 0  # characters of the text given to on_text
         self.done = False
 
     @property
@@ -196,27 +207,49 @@ class GreedyStream:
         """Generated token ids, without the end-of-turn token."""
         return self.text.token_ids
 
+    @property
+    def answer_text(self) -> str:
+        """The answer's text so far: everything decoded, up to the first stop string."""
+        text = self.text.emitted
+        return text[: self._stop_at(text)]
+
     def push(self, logits: torch.Tensor) -> int | None:
         """The token to feed next, chosen by `logits` `[vocab]`; None once the answer is complete."""
         if len(self.token_ids) >= self.max_new_tokens:
             return self._finish()
         if self.on_step is not None:
             self.on_step(logits)
-        token_id = int(logits.argmax())
+        token_id = choose_token(logits, self.sampling, self.generator)
         if token_id in self.eos_token_ids:
             return self._finish()
-        self._emit(self.text.push(token_id))
-        if len(self.token_ids) == self.max_new_tokens:
+        self.text.push(token_id)
+        if self._stop_at(self.text.emitted) is not None or len(self.token_ids) == self.max_new_tokens:
             return self._finish()
+        self._show(self._held_back(self.text.emitted))
         return token_id
 
     def _finish(self) -> None:
-        self._emit(self.text.finish())
+        self.text.finish()
+        self._show(held_back=0)
         self.done = True
 
-    def _emit(self, delta: str) -> None:
-        if delta and self.on_text is not None:
-            self.on_text(delta)
+    def _show(self, held_back: int) -> None:
+        """Give on_text what is new of `answer_text`, but the last `held_back` characters."""
+        text = self.answer_text
+        end = len(text) - held_back
+        if end > self.shown:
+            delta, self.shown = text[self.shown : end], end
+            if self.on_text is not None:
+                self.on_text(delta)
+
+    def _stop_at(self, text: str) -> int | None:
+        found = [at for stop in self.sampling.stop if (at := text.find(stop)) >= 0]
+        return min(found) if found else None
+
+    def _held_back(self, text: str) -> int:
+        """How many characters at the end of `text` may begin a stop string."""
+        return max((k for stop in self.sampling.stop for k in range(1, len(stop)) if text.endswith(stop[:k])),
+                   default=0)  # fmt: skip
 
 
 @torch.inference_mode()
@@ -237,13 +270,13 @@ def greedy_decode(
         logits (torch.Tensor): `[vocab]` logits of the last prefilled token.
         next_position (int): M-RoPE position of the first generated token (a text position, equal on
             all 3 axes).
-        on_text, on_step: as for `GreedyStream`.
+        on_text, on_step: as for `DecodeStream`.
         forward_kwargs: passed to every decoding step's forward (and so to the attention function).
 
     Returns:
         list[int]: generated token ids, without the end-of-turn token.
     """
-    stream = GreedyStream(loaded, max_new_tokens, on_text, on_step)
+    stream = DecodeStream(loaded, max_new_tokens, on_text, on_step)
     token_id = stream.push(logits)
     while token_id is not None:
         position = torch.full((3, 1), next_position + len(stream.token_ids) - 1, device=loaded.device)

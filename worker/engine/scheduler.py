@@ -41,10 +41,11 @@ from worker.engine.engine import (
     prefill_question,
     use_adaretake_attention,
 )
-from worker.engine.generate import GreedyStream
+from worker.engine.generate import DecodeStream
 from worker.engine.models import LoadedModel
 from worker.engine.prompt import PromptSegments, build_followup
 from worker.engine.steps import StepFactory, Steps
+from worker.engine.token_sampling import GREEDY, TokenSampling
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +168,9 @@ class _Answer:
     max_new_tokens: int
     top_k: int
     on_text: Callable[[str], None] | None
+    sampling: TokenSampling = GREEDY
     prefill: QuestionPrefill | None = None
-    stream: GreedyStream | None = None
+    stream: DecodeStream | None = None
     next_token: int | None = None
     times: dict[str, float] = field(default_factory=dict)
 
@@ -234,13 +236,16 @@ class Scheduler:
         max_history_tokens: int = 2048,
         top_k: int = 5,
         on_text: Callable[[str], None] | None = None,
+        sampling: TokenSampling = GREEDY,
         deadline: float | None = None,
     ) -> Request:
         """Answer `question` from `artifact` as `answer_from_artifact` does, decoding in the shared batch;
         `result()` gives the `CachedAnswer` (its timings add "queue": seconds before admission)."""
         prompt, history_turns = build_followup(self.loaded.tokenizer, question, history, max_history_tokens)
         request = Request(self._wake.set, deadline)
-        self._submit(_Answer(request, artifact, prompt, history_turns, max_new_tokens, top_k, on_text))
+        self._submit(
+            _Answer(request, artifact, prompt, history_turns, max_new_tokens, top_k, on_text, sampling)
+        )
         return request
 
     def close(self) -> None:
@@ -405,7 +410,7 @@ class Scheduler:
             max_new_tokens=answer.max_new_tokens,
         )
         on_text = answer.request.relay(answer.on_text) if answer.on_text is not None else None
-        answer.stream = GreedyStream(self.loaded, answer.max_new_tokens, on_text)
+        answer.stream = DecodeStream(self.loaded, answer.max_new_tokens, on_text, sampling=answer.sampling)
         answer.times["prefilled"] = time.monotonic()
         answer.next_token = answer.stream.push(answer.prefill.logits)
 
@@ -472,8 +477,9 @@ class Scheduler:
         }
         try:
             reply = finish_answer(
-                self.loaded, answer.artifact, answer.prefill, answer.stream.token_ids, timings, answer.top_k
-            )
+                self.loaded, answer.artifact, answer.prefill, answer.stream.token_ids, timings, answer.top_k,
+                text=answer.stream.answer_text,
+            )  # fmt: skip
         except Exception as error:
             answer.request.finish(error=error)
             return

@@ -47,6 +47,7 @@ from worker.engine.artifact import CompressedKV
 from worker.engine.decode import VideoDecodeError
 from worker.engine.engine import IndexResult, artifact_key, compress_for_question, get_or_compress
 from worker.engine.scheduler import CacheBudgetExceeded, Cancelled, RequestTimeout
+from worker.engine.token_sampling import TokenSampling
 from worker.serving import runtime as worker_runtime
 from worker.serving.celery_app import app
 from worker.serving.leases import Lease, LeaseLost
@@ -312,7 +313,8 @@ def _answer(
     stream = recorder.token_stream()
     reply = rt.scheduler.submit_answer(
         artifact, question, max_new_tokens=job.get("max_new_tokens") or 128, on_text=stream, history=history,
-        max_history_tokens=rt.settings.conversation_history_tokens, deadline=deadline,
+        max_history_tokens=rt.settings.conversation_history_tokens, sampling=token_sampling(job),
+        deadline=deadline,
     ).result()  # fmt: skip
     stream.flush()
     timings |= {
@@ -332,6 +334,12 @@ def _answer(
         timings=_rounded(timings),
         **cache,
     )
+
+
+def token_sampling(job: dict) -> TokenSampling:
+    """The answer job's sampling parameters (a /v1 chat may set them; absent: greedy, no stop strings)."""
+    return TokenSampling(temperature=job.get("temperature") or 0.0, top_p=job.get("top_p") or 1.0,
+                         seed=job.get("seed"), stop=tuple(job.get("stop") or ()))  # fmt: skip
 
 
 def prompt_usage(artifact: CompressedKV, prompt_ids: list[int], cache_hit: bool) -> dict[str, int]:
