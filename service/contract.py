@@ -26,6 +26,7 @@ GPU_QUEUE = "gpu"
 
 
 class VideoStatus(StrEnum):
+    DOWNLOADING = "downloading"  # given by URL: the API is fetching it
     QUEUED = "queued"
     DECODING = "decoding"
     ENCODING = "encoding"
@@ -211,6 +212,10 @@ class Settings(BaseSettings):
     served_model_name: str = ""
     chat_wait_seconds: float = Field(default=600.0, gt=0)
     max_chat_body_bytes: int = Field(default=64 * 1024**2, gt=0)
+    # Videos by URL and webhooks: the networks they may reach that the SSRF guard otherwise refuses
+    # (comma-separated CIDRs; empty: public addresses only) and how long a download may take in all.
+    url_allowed_networks: str = ""
+    url_timeout_seconds: float = Field(default=600.0, gt=0)
 
     @field_validator("redis_url")
     @classmethod
@@ -226,6 +231,15 @@ class Settings(BaseSettings):
             key = entry.split(":", 1)[0]
             if len(key) < 16:
                 raise ValueError("every API key must be at least 16 characters long")
+        return value
+
+    @field_validator("url_allowed_networks")
+    @classmethod
+    def _networks_well_formed(cls, value: str) -> str:
+        import ipaddress
+
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            ipaddress.ip_network(part)  # ValueError: not a CIDR (or host bits set)
         return value
 
     @property

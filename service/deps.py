@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.contract import Settings
 from service.conversations import Conversations
+from service.downloads import Downloads
 from service.errors import APIError
 from service.metrics import Metrics
 from service.queue import TaskQueue
@@ -42,6 +43,10 @@ def get_queue(request: Request) -> TaskQueue:
     return request.app.state.queue
 
 
+def get_downloads(request: Request) -> Downloads:
+    return request.app.state.downloads
+
+
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
@@ -68,4 +73,5 @@ ConversationsDep = Annotated[Conversations, Depends(get_conversations)]
 AsyncRedisDep = Annotated[redis.asyncio.Redis, Depends(get_async_redis)]
 QueueDep = Annotated[TaskQueue, Depends(get_queue)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+DownloadsDep = Annotated[Downloads, Depends(get_downloads)]
 TenantDep = Annotated[str, Depends(get_tenant)]

@@ -4,8 +4,9 @@ Codes: bad_request, malformed_json, validation_error, question_empty, question_t
 invalid_multipart, missing_file, unauthorized, not_found, method_not_allowed, cors_rejected, video_failed,
 payload_too_large, unsupported_media_type, multipart_required, upload_timeout, storage_full,
 redis_unavailable, no_workers, queue_unavailable, invalid_token, invalid_range, range_not_satisfiable,
-conversation_mismatch, internal_error; under /v1 also invalid_purpose, invalid_messages, video_required,
-too_many_videos, invalid_data_url, unsupported_url, model_not_found, answer_timeout.
+conversation_mismatch, url_forbidden, url_unreachable, url_too_large, url_timeout, unsupported_media,
+internal_error; under /v1 also invalid_purpose, invalid_messages, video_required, too_many_videos,
+invalid_data_url, model_not_found, answer_timeout.
 
 Under /v1 (the OpenAI-compatible API) the same errors take OpenAI's shape, {"error": {"message", "type",
 "param", "code"}}, with the statuses OpenAI uses (a request that fails validation is a 400), so the `openai`

@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service.contract import Settings
 from service.conversations import Conversations
+from service.downloads import Downloads
 from service.errors import install_error_handlers
 from service.http import HeadMiddleware, JSONCORSMiddleware
 from service.limits import BodyLimitMiddleware
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                   args=(stopping,), name="videoqa-reaper", daemon=True)  # fmt: skip
         reaper.start()
         yield
+        await app.state.downloads.close()
         stopping.set()
         reaper.join(timeout=15)
         await app.state.async_redis.aclose()
@@ -64,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics(app.state.records)
     app.state.media_tokens = MediaTokens(settings)
     app.state.conversations = Conversations(app.state.records)
+    app.state.downloads = Downloads(settings, app.state.records, app.state.queue)
 
     for router in (
         videos.router,

@@ -133,6 +133,26 @@ class Records:
                 except redis.WatchError:
                     continue  # another upload of the same bytes won the race: read its video
 
+    def create_download(self, *, tenant: str, url: str, filename: str, **fields: Any) -> dict:
+        """A video given by URL, `downloading` until its bytes arrive (`update_video` then sets its sha256,
+        size, path and container). Not deduplicated: its bytes are not known yet (their compressed cache
+        is shared all the same, keyed by content)."""
+        video_id, now = new_id("vid"), time.time()
+        record = {
+            "id": video_id, "tenant": tenant, "sha256": "", "filename": filename, "size_bytes": 0, "path": "",
+            "container": "", "url": url, "status": VideoStatus.DOWNLOADING.value, "stage": "downloading",
+            "progress": 0.0, "duration": None, "frames": None, "damaged_seconds": None, "tokens_before": None,
+            "tokens_after": None, "artifact_bytes": None, "cache_tier": None, "artifact_key": None,
+            "index_job_id": None, "error_code": None, "error_message": None, "created_at": now,
+            "updated_at": now, **fields,
+        }  # fmt: skip
+        with self.client.pipeline() as pipe:
+            pipe.hset(self.keys.video(video_id), mapping=_encode(record))
+            pipe.zadd(self.keys.tenant_videos(tenant), {video_id: now})
+            pipe.hincrby(self.keys.counter("videos"), VideoStatus.DOWNLOADING.value, 1)
+            pipe.execute()
+        return record
+
     def get_video(self, video_id: str, tenant: str | None = None) -> dict | None:
         """The video, or None when absent or owned by another tenant (tenant=None: no check, for workers)."""
         return self._get(self.keys.video(video_id), tenant)

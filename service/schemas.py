@@ -88,6 +88,14 @@ class VideoPublic(BaseModel):
         )
 
 
+class VideoFromURL(BaseModel):
+    """A video to fetch (http or https; the service refuses private and internal addresses)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: Text = Field(max_length=8192)
+
+
 class VideoList(BaseModel):
     """A page of the caller's videos, newest first."""
 

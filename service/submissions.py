@@ -31,6 +31,29 @@ def register_upload(
     )  # fmt: skip
     if not created:
         return video, False
+    return _start_indexing(video_id, upload, final_path, records, queue, tenant, **fields), True
+
+
+def register_download(
+    video_id: str, upload: ReceivedUpload, settings: Settings, records: Records, queue: TaskQueue, tenant: str
+) -> dict | None:
+    """A downloading video's file has arrived: its facts on the record, the file in place, its indexing
+    enqueued -> the record; None when the video was deleted meanwhile (the file is then removed)."""
+    final_path = (settings.uploads_dir / f"{video_id}.{upload.extension}").resolve()
+    facts = {"sha256": upload.sha256, "filename": upload.filename, "size_bytes": upload.size_bytes,
+             "path": str(final_path), "container": upload.container}  # fmt: skip
+    if not records.update_video(video_id, **facts):
+        remove_quietly(upload.path)
+        return None
+    # queued together with its index job, as an upload is
+    return _start_indexing(video_id, upload, final_path, records, queue, tenant, status=VideoStatus.QUEUED,
+                           stage="queued")  # fmt: skip
+
+
+def _start_indexing(
+    video_id: str, upload: ReceivedUpload, final_path: Path, records: Records, queue: TaskQueue, tenant: str,
+    **fields,
+) -> dict:  # fmt: skip
     os.replace(upload.path, final_path)  # same filesystem: atomic, never a half-written video
     try:
         job = records.create_job(tenant=tenant, video_id=video_id, kind="index")
@@ -47,7 +70,7 @@ def register_upload(
         records.update_job(job["id"], status=JobStatus.FAILED, **error)
         records.update_video(video_id, status=VideoStatus.FAILED, **error)
         raise APIError(503, "queue_unavailable", message, headers={"Retry-After": "10"}) from exc
-    return records.get_video(video_id) or video, True
+    return records.get_video(video_id) or {}
 
 
 def remove_video(

@@ -18,15 +18,21 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+import anyio
 import anyio.to_thread
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from service.contract import STORAGE_FULL_ERRNOS, Settings
 from service.errors import APIError
+from service.limits import MAX_BODY_BYTES
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
 FILE_FIELD = "file"
 SNIFF_BYTES = 4096
 WRITE_BATCH_BYTES = 1 << 20
@@ -79,12 +85,33 @@ def sniff_container(head: bytes) -> str | None:
     return None
 
 
-def upload_body(**fields: dict) -> dict:
+def upload_body(json_schema: dict | None = None, **fields: dict) -> dict:
     """The OpenAPI `openapi_extra` of a multipart upload route: the file, and these text fields (JSON
-    Schemas by name, all required)."""
+    Schemas by name, all required); with `json_schema`, the JSON body the route also takes."""
     properties = {FILE_FIELD: {"type": "string", "format": "binary"}, **fields}
     schema = {"type": "object", "required": list(properties), "properties": properties}
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+    content = {"multipart/form-data": {"schema": schema}}
+    if json_schema is not None:
+        content["application/json"] = {"schema": json_schema}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+async def read_json(request: Request, model: type[ModelT]) -> ModelT:
+    """A small JSON body (at most MAX_BODY_BYTES) on a route that streams its uploads, as `model`; errors as
+    FastAPI's own body validation reports them."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(
+                413, "payload_too_large", f"the request body is larger than {MAX_BODY_BYTES} bytes"
+            )
+    try:
+        return model.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+        ) from None
 
 
 def incoming_dir(settings: Settings) -> Path:
@@ -268,7 +295,7 @@ async def _spooling(directory: Path, max_bytes: int) -> AsyncIterator[_Spool]:
     try:
         yield _Spool(sink, max_bytes)
     except BaseException as exc:
-        with contextlib.suppress(Exception):
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):  # also when cancelled
             await sink.close()
         sink.path.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in STORAGE_FULL_ERRNOS:

