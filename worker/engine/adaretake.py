@@ -334,7 +334,7 @@ def adaretake_attention(module, query, key, value, attention_mask, scaling=None,
 
     A `ChunkScratch` in kwargs["adaretake"] collects prompt-to-video scores; an `EvidenceScratch` in
     kwargs["evidence"] collects attention mass on cached video tokens; a `BatchedCache` in kwargs["batch"]
-    (one decoded token per row) masks each row's padding and hands each row's attention to its evidence.
+    (`worker.engine.batch`) masks each row's padding and hands each row's attention to its evidence.
     """
     chunk: ChunkScratch | None = kwargs.pop("adaretake", None)
     evidence: EvidenceScratch | None = kwargs.pop("evidence", None)
@@ -342,7 +342,7 @@ def adaretake_attention(module, query, key, value, attention_mask, scaling=None,
     q_len, kv_len = query.shape[2], key.shape[2]
     if batch is not None:
         batch.observe(module.layer_idx, query, key, scaling)
-        mask = batch.key_mask(module.layer_idx)
+        mask = batch.attention_mask(module.layer_idx, q_len)
         return sdpa_attention_forward(
             module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs
         )

@@ -1,10 +1,12 @@
-"""One decode step for several answers at once, each over its own cache.
+"""One forward for several answers at once, each over its own cache: a decode step (one token per row) or
+the prefill of several questions (each its own number of tokens).
 
 Answers about different videos hold caches of different lengths, and within one compressed cache every layer
 keeps its own number of video tokens. A `BatchedCache` pads each layer to its longest row: row b's keys of
 layer l sit in `[b, :, :length[b, l]]` of one `[rows, kv_heads, capacity_l, head_dim]` buffer, and each
-step's attention masks the padding out. The new token of each row is written right after that row's own
-tokens, so rows never need to be aligned.
+forward's attention masks the padding out. The new tokens of each row are written right after that row's own
+tokens, so rows never need to be aligned; a row fed fewer tokens than the longest is right-padded, and its
+padding is neither seen by any real token nor kept (the row's length grows by its real tokens only).
 
 Rows join and leave between steps by building a new `BatchedCache` from the rows' current keys (one copy of
 the active caches, per change of the batch, never per token).
@@ -18,7 +20,6 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from worker.engine.adaretake import EvidenceScratch
-from worker.engine.generate import embed_tokens
 from worker.engine.models import LoadedModel
 
 
@@ -56,23 +57,36 @@ class BatchedLayer(DynamicLayer):
         self._lengths = torch.tensor(self.lengths, device=first.device)
         self._rows = torch.arange(len(keys), device=first.device)
         self.device, self.is_initialized = first.device, True
+        self.feed([1] * len(keys))
         self._set_views()
 
+    def feed(self, counts: list[int]) -> None:
+        """The next forward brings `counts[b]` real tokens for row b, padded to `max(counts)`."""
+        self.counts = counts
+        self._counts = torch.tensor(counts, device=self.device)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append one token per row (`[rows, kv_heads, 1, head_dim]`), each after its own row's tokens."""
-        self._key_buffer[self._rows, :, self._lengths] = key_states[:, :, 0]
-        self._value_buffer[self._rows, :, self._lengths] = value_states[:, :, 0]
-        self._lengths += 1
-        self.lengths = [n + 1 for n in self.lengths]
+        """Append the forward's tokens (`[rows, kv_heads, q, head_dim]`), each row's after its own tokens."""
+        q = key_states.shape[2]
+        at = self._lengths[:, None] + torch.arange(q, device=self.device)  # [rows, q]
+        self._key_buffer[self._rows[:, None], :, at] = key_states.transpose(1, 2)  # [rows, q, kv_heads, d]
+        self._value_buffer[self._rows[:, None], :, at] = value_states.transpose(1, 2)
+        self._lengths += self._counts
+        self.lengths = [n + count for n, count in zip(self.lengths, self.counts, strict=True)]
         self._set_views()
         return self.keys, self.values
 
-    def key_mask(self) -> torch.Tensor | None:
-        """`[rows, 1, 1, keys]` bool, True where a row has a token; None when no row is padded."""
+    def attention_mask(self, q_len: int) -> torch.Tensor | None:
+        """`[rows, 1, q_len, keys]` bool for the forward just appended: row b's query i sees the row's
+        earlier tokens and its own first i + 1 new ones (a padding query sees all of the row's); None when
+        that is every key for every query (one token per row, no row padded)."""
         longest = self.keys.shape[2]
-        if min(self.lengths) == longest:
+        if q_len == 1 and min(self.lengths) == longest:
             return None
-        return (torch.arange(longest, device=self.device) < self._lengths[:, None])[:, None, None]
+        steps = torch.arange(q_len, device=self.device)
+        counts = self._counts[:, None]  # [rows, 1]
+        seen = self._lengths[:, None] - counts + 1 + torch.minimum(steps, counts - 1)  # [rows, q]
+        return (torch.arange(longest, device=self.device) < seen[:, :, None])[:, None]  # [rows, 1, q, keys]
 
     def row(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row `index`'s keys and values, `[1, kv_heads, len, head_dim]` views."""
@@ -110,32 +124,42 @@ class BatchedCache(Cache):
         ]
 
     def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """Hand each row's query `[1, heads, 1, d]` and keys to its evidence (from the attention function)."""
-        lengths = self.layers[layer_idx].lengths
+        """Hand each row's real queries `[1, heads, count, d]` and keys to its evidence (from the attention
+        function)."""
+        layer = self.layers[layer_idx]
         for row, evidence in enumerate(self.evidence):
             if evidence is not None:
                 evidence.collect(
-                    layer_idx, query[row : row + 1], key[row : row + 1, :, : lengths[row]], scaling
+                    layer_idx,
+                    query[row : row + 1, :, : layer.counts[row]],
+                    key[row : row + 1, :, : layer.lengths[row]],
+                    scaling,
                 )
 
-    def key_mask(self, layer_idx: int) -> torch.Tensor | None:
-        return self.layers[layer_idx].key_mask()
+    def attention_mask(self, layer_idx: int, q_len: int) -> torch.Tensor | None:
+        return self.layers[layer_idx].attention_mask(q_len)
 
 
 @torch.inference_mode()
-def decode_step(
-    loaded: LoadedModel, cache: BatchedCache, token_ids: list[int], positions: list[int]
+def batched_forward(
+    loaded: LoadedModel, cache: BatchedCache, token_ids: list[list[int]], positions: list[int]
 ) -> torch.Tensor:
-    """Feed one token per row at its M-RoPE position (a text position, equal on all 3 axes), appending to
-    each row's cache; returns the next logits `[rows, vocab]` in float32."""
-    position_ids = torch.tensor(positions, device=loaded.device)[None, :, None].expand(
-        3, -1, 1
-    )  # [3, rows, 1]
+    """Feed row b its `token_ids[b]` from the M-RoPE text position `positions[b]` (equal on all 3 axes),
+    appending them to its cache; returns the logits after each row's last token, `[rows, vocab]` in
+    float32. One token per row is a decode step; a question each is their prefill."""
+    counts = [len(ids) for ids in token_ids]
+    q_len = max(counts)
+    padded = torch.tensor([ids + ids[-1:] * (q_len - len(ids)) for ids in token_ids], device=loaded.device)
+    steps = torch.arange(q_len, device=loaded.device)
+    position_ids = (torch.tensor(positions, device=loaded.device)[:, None] + steps).expand(3, -1, -1)
+    for layer in cache.layers:
+        layer.feed(counts)
     hidden = loaded.model.model.language_model(
-        inputs_embeds=embed_tokens(loaded, token_ids).transpose(0, 1),  # [rows, 1, hidden]
-        position_ids=position_ids,
+        inputs_embeds=loaded.model.get_input_embeddings()(padded),  # [rows, q, hidden]
+        position_ids=position_ids,  # [3, rows, q]
         cache=cache,
         use_cache=True,
         batch=cache,
-    ).last_hidden_state  # [rows, 1, hidden]
-    return loaded.model.lm_head(hidden[:, -1]).float()
+    ).last_hidden_state  # [rows, q, hidden]
+    last = hidden[torch.arange(len(counts)), torch.tensor(counts) - 1]  # [rows, hidden]
+    return loaded.model.lm_head(last).float()

@@ -33,6 +33,7 @@ from worker.engine.adaretake import (
     stack_scores,
 )
 from worker.engine.artifact import ARTIFACT_FORMAT, ArtifactError, CompressedKV
+from worker.engine.batch import BatchedCache, Row, batched_forward
 from worker.engine.decode import SampledFrame
 from worker.engine.features import VisionFeatures
 from worker.engine.generate import (
@@ -372,13 +373,14 @@ class QuestionPrefill:
     """A question prefilled after a cached video, ready to decode.
 
     Args:
-        cache (Cache): the artifact's copy, the question appended, room for the answer.
+        cache (Cache): the artifact's copy, the question appended, room for the answer (None when the
+            question was prefilled in a batch: its row lives there).
         logits (torch.Tensor): `[vocab]` float32 logits of the prompt's last token.
         next_position (int): M-RoPE position of the first generated token.
         evidence (EvidenceScratch): collects where the question (and then the answer) attended.
     """
 
-    cache: Cache
+    cache: Cache | None
     logits: torch.Tensor
     next_position: int
     evidence: EvidenceScratch
@@ -400,14 +402,62 @@ def prefill_question(
     after the cached video, at its real positions, into a fresh copy of the artifact's cache with room for
     `max_new_tokens` (the artifact is untouched)."""
     use_adaretake_attention(loaded)
-    text0 = int((artifact.token_frames[0] < 0).sum())
-    evidence = EvidenceScratch(video_slices={i: slice(text0, n) for i, n in enumerate(artifact.lengths)})
+    text0, evidence = _evidence_scratch(artifact)
     text1 = prompt.text1_ids
     cache = cache_from_artifact(loaded, artifact, extra_tokens=len(text1) + max_new_tokens)
     positions = (artifact.next_position + torch.arange(len(text1), device=loaded.device)).expand(3, -1)
     logits = forward(loaded, embed_tokens(loaded, text1), positions, cache, evidence=evidence)
     return QuestionPrefill(cache, logits, artifact.next_position + len(text1), evidence, text1, history_turns,
                            text0)  # fmt: skip
+
+
+@torch.inference_mode()
+def prefill_questions(
+    loaded: LoadedModel, questions: Sequence[tuple[CompressedKV, PromptSegments, int, int]]
+) -> tuple[BatchedCache, list[QuestionPrefill]]:
+    """`prefill_question` for several (artifact, prompt, history turns, max new tokens) at once, in one
+    batched forward -> the batch holding their caches (room for each answer) and each one's prefill."""
+    use_adaretake_attention(loaded)
+    longest = max(len(prompt.text1_ids) for _, prompt, _, _ in questions)
+    scratches = [_evidence_scratch(artifact) for artifact, _, _, _ in questions]
+    cache = BatchedCache(
+        [
+            Row(
+                [keys.to(loaded.device, loaded.dtype) for keys in artifact.keys],
+                [values.to(loaded.device, loaded.dtype) for values in artifact.values],
+                longest + max_new_tokens,  # the padded prompt is written whole, then the answer
+                evidence,
+            )
+            for (artifact, _, _, max_new_tokens), (_, evidence) in zip(questions, scratches, strict=True)
+        ]
+    )
+    logits = batched_forward(
+        loaded,
+        cache,
+        [prompt.text1_ids for _, prompt, _, _ in questions],
+        [artifact.next_position for artifact, _, _, _ in questions],
+    )
+    prefills = [
+        QuestionPrefill(
+            None,
+            row_logits,
+            artifact.next_position + len(prompt.text1_ids),
+            evidence,
+            prompt.text1_ids,
+            history_turns,
+            text0,
+        )  # fmt: skip
+        for (artifact, prompt, history_turns, _), (text0, evidence), row_logits in zip(
+            questions, scratches, logits, strict=True
+        )
+    ]
+    return cache, prefills
+
+
+def _evidence_scratch(artifact: CompressedKV) -> tuple[int, EvidenceScratch]:
+    """The artifact's leading text tokens and an evidence scratch over each layer's video tokens."""
+    text0 = int((artifact.token_frames[0] < 0).sum())
+    return text0, EvidenceScratch(video_slices={i: slice(text0, n) for i, n in enumerate(artifact.lengths)})
 
 
 def finish_answer(

@@ -4,8 +4,8 @@ A worker serves many people at once: an hour of video indexing must not hold bac
 eight questions must not wait for one another. So one thread owns the model and the device, and each
 iteration of its loop does, in order:
 
-1. admission: up to `max_admit` waiting answers get their question prefilled (one forward each), while the
-   active answers stay under `max_active` and their padded caches under `cache_bytes`;
+1. admission: up to `max_admit` waiting answers get their questions prefilled, together in one batched
+   forward, while the active answers stay under `max_active` and their padded caches under `cache_bytes`;
 2. one batched decode step for every active answer, whatever video each is about (`worker.engine.batch`);
 3. at most one bounded unit of indexing work: one vision slice or one AdaReTaKe prefill chunk
    (`worker.engine.steps`), so an answer waits at most one unit per token, not a whole video.
@@ -34,11 +34,11 @@ from typing import TypeVar
 import torch
 
 from worker.engine.artifact import CompressedKV
-from worker.engine.batch import BatchedCache, Row, decode_step
+from worker.engine.batch import BatchedCache, batched_forward
 from worker.engine.engine import (
     QuestionPrefill,
     finish_answer,
-    prefill_question,
+    prefill_questions,
     use_adaretake_attention,
 )
 from worker.engine.generate import DecodeStream
@@ -75,8 +75,8 @@ class SchedulerConfig:
 
     Args:
         max_active (int): answers decoding together: every active answer takes part in each batched step.
-        max_admit (int): waiting answers prefilled per iteration: an admission delays the active answers'
-            next token by one question prefill each.
+        max_admit (int): waiting answers prefilled per iteration, in one batched forward: an admission
+            delays the active answers' next token by that forward.
         index_share (float): the loop's time indexing gets while answers are active, in (0, 1].
         cache_bytes (int): the active answers' caches, padded as the batch holds them, never exceed this;
             an answer that would cross it waits. A change of the batch copies it once (briefly twice this).
@@ -216,6 +216,8 @@ class Scheduler:
         self.steps = 0  # batched decode steps so far
         self.rows_decoded = 0  # answers' tokens those steps decoded (rows_decoded / steps: the mean batch)
         self.decode_seconds = 0.0  # time in those steps
+        self.prefills = 0  # batched question prefills so far
+        self.rows_prefilled = 0  # questions those prefills took (rows_prefilled / prefills: the mean batch)
 
     # ---- the submitter's side ----------------------------------------------------------------------------
 
@@ -353,7 +355,7 @@ class Scheduler:
                 answer.request.finish(error=error)
         leaving = [(answer, error) for answer in self._active if (error := ended(answer.request))]
         if leaving:
-            self._regroup([answer for answer, _ in leaving], [])
+            self._regroup([answer for answer, _ in leaving])
             for answer, error in leaving:
                 answer.request.finish(error=error)
 
@@ -386,33 +388,41 @@ class Scheduler:
             if self._padded_bytes([*self._active, *admitted, answer]) > budget:
                 break  # waits for active answers to finish
             self._waiting.popleft()
-            try:
-                self._start(answer)
-            except Exception as error:
+            admitted.append(answer)
+        if not admitted:
+            return False
+        try:
+            prefilled = self._prefill(admitted)
+        except Exception as error:  # the admitted answers shared that forward
+            logger.exception("a batched question prefill failed: ending its %d answers", len(admitted))
+            for answer in admitted:
                 answer.request.finish(error=error)
-                continue
-            if answer.next_token is None:
+            return True
+        self._regroup([], prefilled, [(i, a) for i, a in enumerate(admitted) if a.next_token is not None])
+        for answer in admitted:
+            if answer.next_token is None:  # done at its first token
                 self._finish(answer)
-            else:
-                admitted.append(answer)
-        if admitted:
-            self._regroup([], admitted)
-        return bool(admitted)
+        return True
 
-    def _start(self, answer: _Answer) -> None:
-        """The question's prefill and the first token."""
-        answer.times["admitted"] = time.monotonic()
-        answer.prefill = prefill_question(
-            self.loaded,
-            answer.artifact,
-            answer.prompt,
-            answer.history_turns,
-            max_new_tokens=answer.max_new_tokens,
+    def _prefill(self, answers: list[_Answer]) -> BatchedCache:
+        """The questions' prefill, in one batched forward, and each one's first token -> the batch holding
+        their caches."""
+        admitted = time.monotonic()
+        cache, prefills = prefill_questions(
+            self.loaded, [(a.artifact, a.prompt, a.history_turns, a.max_new_tokens) for a in answers]
         )
-        on_text = answer.request.relay(answer.on_text) if answer.on_text is not None else None
-        answer.stream = DecodeStream(self.loaded, answer.max_new_tokens, on_text, sampling=answer.sampling)
-        answer.times["prefilled"] = time.monotonic()
-        answer.next_token = answer.stream.push(answer.prefill.logits)
+        prefilled = time.monotonic()
+        self.prefills += 1
+        self.rows_prefilled += len(answers)
+        for answer, prefill in zip(answers, prefills, strict=True):
+            answer.times.update(admitted=admitted, prefilled=prefilled)
+            answer.prefill = prefill
+            on_text = answer.request.relay(answer.on_text) if answer.on_text is not None else None
+            answer.stream = DecodeStream(
+                self.loaded, answer.max_new_tokens, on_text, sampling=answer.sampling
+            )
+            answer.next_token = answer.stream.push(prefill.logits)
+        return cache
 
     def _decode(self) -> bool:
         """One batched step for every active answer; finished answers leave the batch."""
@@ -421,8 +431,8 @@ class Scheduler:
         active = self._active
         started = time.perf_counter()
         try:
-            logits = decode_step(
-                self.loaded, self._batch, [a.next_token for a in active], [a.position for a in active]
+            logits = batched_forward(
+                self.loaded, self._batch, [[a.next_token] for a in active], [a.position for a in active]
             )
         except Exception as error:  # the whole batch shared that forward
             logger.exception("a batched decode step failed: ending its %d answers", len(active))
@@ -439,33 +449,28 @@ class Scheduler:
             if answer.next_token is None:
                 done.append(answer)
         if done:
-            self._regroup(done, [])
+            self._regroup(done)
             for answer in done:
                 self._finish(answer)
         return True
 
-    def _regroup(self, leaving: list[_Answer], joining: list[_Answer]) -> None:
-        """A new batch without `leaving` and with `joining` (prefilled, each in its own cache)."""
+    def _regroup(
+        self,
+        leaving: list[_Answer],
+        prefilled: BatchedCache | None = None,
+        joining: list[tuple[int, _Answer]] = (),
+    ) -> None:
+        """A new batch without `leaving` and with `joining`: (row in `prefilled`, answer)."""
         staying = [a for a in self._active if a not in leaving]
         rows = (
             []
             if self._batch is None
             else self._batch.rows([self._active.index(a) for a in staying], [a.room for a in staying])
         )
-        for answer in joining:
-            cache = answer.prefill.cache
-            rows.append(
-                Row(
-                    [layer.keys for layer in cache.layers],
-                    [layer.values for layer in cache.layers],
-                    answer.room,
-                    answer.prefill.evidence,
-                )
-            )
-        self._active = staying + joining
+        if joining:
+            rows += prefilled.rows([i for i, _ in joining], [a.room for _, a in joining])
+        self._active = staying + [a for _, a in joining]
         self._batch = BatchedCache(rows) if rows else None
-        for answer in joining:
-            answer.prefill.cache = None  # its rows now live in the batch
 
     def _finish(self, answer: _Answer) -> None:
         now = time.monotonic()

@@ -96,6 +96,42 @@ def test_history_and_answer_lengths_mix_in_one_batch(loaded, artifacts, schedule
         assert reply.token_ids == expected.token_ids and reply.history_turns == expected.history_turns
 
 
+def test_questions_waiting_together_are_prefilled_in_one_forward(loaded, artifacts):
+    """Four questions of different lengths (with and without history) over four caches wait while the loop
+    is busy, then take one padded prefill: each answer and its evidence as one at a time."""
+    scheduler = Scheduler(loaded, SchedulerConfig(max_admit=4))
+    busy, release = threading.Event(), threading.Event()
+
+    def occupied(relay):  # holds the loop's thread itself, so the four are queued when it looks again
+        busy.set()
+        release.wait()
+        return None
+        yield
+
+    history = [("What is it?", "A bike."), ("And then?", "It rides away.")]
+    asks = [
+        (artifact, question, history[: i % 3])
+        for i, (artifact, question) in enumerate(zip(artifacts, QUESTIONS, strict=True))
+    ]
+    try:
+        holder = threading.Thread(target=scheduler.run, args=(occupied,))
+        holder.start()
+        busy.wait()
+        requests = [scheduler.submit_answer(a, q, max_new_tokens=TOKENS, history=h) for a, q, h in asks]
+        release.set()
+        replies = results(requests)
+        holder.join()
+    finally:
+        scheduler.close()
+    assert (scheduler.prefills, scheduler.rows_prefilled) == (1, 4)
+    assert len({len(reply.prompt_ids) for reply in replies}) > 1  # padded to the longest
+    for (artifact, question, history), reply in zip(asks, replies, strict=True):
+        expected = alone(loaded, artifact, question, history=history)
+        assert reply.token_ids == expected.token_ids and reply.prompt_ids == expected.prompt_ids
+        torch.testing.assert_close(torch.tensor(reply.timeline), torch.tensor(expected.timeline),
+                                   atol=1e-5, rtol=1e-4)  # fmt: skip
+
+
 def held(factory, reached: threading.Event, release: threading.Event):
     """`factory`'s steps, held after their first unit until `release` is set."""
 
