@@ -148,6 +148,15 @@ class Keys:
         """Hash: worker name -> last heartbeat (unix seconds), for /readyz."""
         return f"{self.prefix}:workers"
 
+    def webhooks_due(self) -> str:
+        """Sorted set: webhook events ("<type>|<resource id>") by when their next delivery attempt is due."""
+        return f"{self.prefix}:webhooks:due"
+
+    def webhook_event(self, event: str) -> str:
+        """Hash: a webhook event's body (built at its first attempt, the same on every attempt), its URL and
+        its attempts so far."""
+        return f"{self.prefix}:webhook:{event}"
+
     def counter(self, name: str) -> str:
         """Hash of counters shared by all processes (cache hits/misses by tier, ...), for /metrics."""
         return f"{self.prefix}:metrics:{name}"
@@ -216,6 +225,10 @@ class Settings(BaseSettings):
     # (comma-separated CIDRs; empty: public addresses only) and how long a download may take in all.
     url_allowed_networks: str = ""
     url_timeout_seconds: float = Field(default=600.0, gt=0)
+    # Webhooks (service/webhooks.py): the HMAC secret that signs them (empty: callback_url is refused) and
+    # the delay before the first retry (each next one four times longer, up to 8 hours).
+    webhook_secret: str = ""
+    webhook_first_retry_seconds: float = Field(default=5.0, gt=0, le=10)
 
     @field_validator("redis_url")
     @classmethod

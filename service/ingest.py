@@ -72,9 +72,7 @@ async def _download(url: str, settings: Settings) -> ReceivedUpload:
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
             target = await check_url(url, allowed)
-            extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-            request = client.build_request("GET", target.pinned_url, headers={"Host": target.host_header},
-                                           extensions=extensions)  # fmt: skip
+            request = client.build_request("GET", **target.request_options())
             response = await client.send(request, stream=True)
             try:
                 if response.is_redirect:

@@ -25,6 +25,7 @@ from service.records import Records
 from service.recovery import Reaper
 from service.routers import asks, chat, conversations, files, health, jobs, media, models, page, videos
 from service.uploads import incoming_dir, sweep_incoming
+from service.webhooks import Deliverer
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -44,10 +45,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reaper = threading.Thread(target=Reaper(app.state.records, app.state.queue, settings).run,
                                   args=(stopping,), name="videoqa-reaper", daemon=True)  # fmt: skip
         reaper.start()
+        deliverer = threading.Thread(target=Deliverer(app.state.records, settings).run, args=(stopping,),
+                                     name="videoqa-webhooks", daemon=True)  # fmt: skip
+        deliverer.start()
         yield
         await app.state.downloads.close()
         stopping.set()
         reaper.join(timeout=15)
+        deliverer.join(timeout=15)
         await app.state.async_redis.aclose()
         app.state.records.client.close()
         app.state.queue.close()

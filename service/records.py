@@ -22,10 +22,13 @@ from service.contract import TERMINAL_JOB_STATES, JobStatus, Keys, VideoStatus
 EVENT_STREAM_MAXLEN = 10_000
 
 # HSET the fields only if the hash still exists (a deleted record must never be resurrected by a late
-# update), keep the status gauge right when "status" changes, and register the video as a user of the
-# artifact when "artifact_key" is set. KEYS[1] record hash, KEYS[2] status counter hash, KEYS[3] artifact
-# users set (or KEYS[1] when none); ARGV[1] new status JSON or "", ARGV[2] the id to add to KEYS[3] or "",
-# ARGV[3:] field/value pairs.
+# update), keep the status gauge right when "status" changes, register the video as a user of the
+# artifact when "artifact_key" is set, and when the status changes to one a webhook reports and the record
+# has a callback_url, make that event due (in the same step as the change: no state change without its
+# event, whichever process writes it). KEYS[1] record hash, KEYS[2] status counter hash, KEYS[3] artifact
+# users set (or KEYS[1] when none), KEYS[4] the due webhook events; ARGV[1] new status JSON or "", ARGV[2]
+# the id to add to KEYS[3] or "", ARGV[3] the event ("<type>|<id>") this status is or "", ARGV[4] now,
+# ARGV[5:] field/value pairs.
 _UPDATE_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '' then
@@ -33,12 +36,20 @@ if ARGV[1] ~= '' then
   if old and old ~= ARGV[1] then
     redis.call('HINCRBY', KEYS[2], cjson.decode(old), -1)
     redis.call('HINCRBY', KEYS[2], cjson.decode(ARGV[1]), 1)
+    local callback = redis.call('HGET', KEYS[1], 'callback_url')
+    if ARGV[3] ~= '' and callback and callback ~= 'null' then
+      redis.call('ZADD', KEYS[4], 'NX', ARGV[4], ARGV[3])
+    end
   end
 end
 if ARGV[2] ~= '' then redis.call('SADD', KEYS[3], ARGV[2]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 return 1
 """
+
+# The statuses webhooks report, and their event types.
+VIDEO_EVENTS = {VideoStatus.READY: "video.ready", VideoStatus.FAILED: "video.failed"}
+JOB_EVENTS = {JobStatus.SUCCEEDED: "job.succeeded", JobStatus.FAILED: "job.failed"}
 
 # The record, only when it belongs to the tenant: the check happens in Redis, before anything is sent back
 # or decoded, so another tenant's id and no id at all cost the same. KEYS[1] record; ARGV[1] tenant JSON.
@@ -167,8 +178,9 @@ class Records:
         if fields.get("artifact_key"):
             users_key = self.keys.artifact_users(fields["artifact_key"])
         return self._update(
-            self.keys.video(video_id), self.keys.counter("videos"), fields, users_key, video_id
-        )
+            self.keys.video(video_id), self.keys.counter("videos"), fields, users_key, video_id,
+            event=_event(VIDEO_EVENTS, fields, video_id),
+        )  # fmt: skip
 
     def list_videos(self, tenant: str, *, offset: int, limit: int) -> tuple[list[dict], int]:
         """The tenant's videos, newest first, and how many the tenant has in all."""
@@ -282,7 +294,8 @@ class Records:
 
         A job that reaches a terminal status leaves `Keys.active_jobs()` (if this process dies in between,
         the stale-job reaper drops it there)."""
-        updated = self._update(self.keys.job(job_id), self.keys.counter("jobs"), fields)
+        updated = self._update(self.keys.job(job_id), self.keys.counter("jobs"), fields,
+                               event=_event(JOB_EVENTS, fields, job_id))  # fmt: skip
         if updated and fields.get("status") in TERMINAL_JOB_STATES:
             self.client.zrem(self.keys.active_jobs(), job_id)
         return updated
@@ -369,14 +382,22 @@ class Records:
     # ---- internals ------------------------------------------------------------------------------------
 
     def _update(
-        self, key: str, counter_key: str, fields: dict[str, Any], users_key: str | None = None, user: str = ""
-    ) -> bool:
+        self, key: str, counter_key: str, fields: dict[str, Any], users_key: str | None = None,
+        user: str = "", event: str = "",
+    ) -> bool:  # fmt: skip
         fields = {**fields, "updated_at": time.time()}
         status = json.dumps(str(fields["status"])) if fields.get("status") is not None else ""
-        args: list[str] = [status, user if users_key else ""]
+        args: list[str | float] = [status, user if users_key else "", event, fields["updated_at"]]
         for name, value in _encode(fields).items():
             args += [name, value]
-        return bool(self._update_script(keys=[key, counter_key, users_key or key], args=args))
+        keys = [key, counter_key, users_key or key, self.keys.webhooks_due()]
+        return bool(self._update_script(keys=keys, args=args))
+
+
+def _event(events: dict[str, str], fields: dict[str, Any], record_id: str) -> str:
+    """The webhook event ("<type>|<id>") a change to these fields is, or "" when none."""
+    kind = events.get(fields.get("status"))
+    return f"{kind}|{record_id}" if kind else ""
 
 
 def new_id(kind: str) -> str:

@@ -30,12 +30,23 @@ class ErrorBody(BaseModel):
 _VIDEO_FACTS = (
     "id", "status", "stage", "progress", "filename", "size_bytes", "sha256", "container", "duration",
     "frames", "damaged_seconds", "tokens_before", "tokens_after", "artifact_bytes", "features_bytes",
-    "cache_tier",
+    "cache_tier", "callback_url", "webhook",
 )  # fmt: skip
 _JOB_FACTS = (
     "id", "kind", "video_id", "status", "question", "mode", "max_new_tokens", "answer", "token_count",
-    "timings", "conversation_id", "history_turns", "warnings",
+    "timings", "conversation_id", "history_turns", "warnings", "callback_url", "webhook",
 )  # fmt: skip
+
+
+class WebhookDelivery(BaseModel):
+    """How the resource's webhook event is getting on."""
+
+    event_id: str
+    type: str = Field(description="video.ready, video.failed, job.succeeded or job.failed")
+    attempts: int
+    delivered: bool
+    last_result: str = Field(description="The receiver's HTTP status, or why no answer came.")
+    next_attempt_at: float | None = Field(description="Unix seconds; none once delivered or given up.")
 
 
 class VideoLinks(BaseModel):
@@ -68,6 +79,8 @@ class VideoPublic(BaseModel):
         description="The vision features kept beside the compressed cache for question-guided answers."
     )
     cache_tier: CacheTier | None
+    callback_url: str | None = Field(description="Where video.ready or video.failed is POSTed.")
+    webhook: WebhookDelivery | None
     error: ErrorDetail | None = Field(description="Why indexing failed, when status is failed.")
     created_at: datetime
     updated_at: datetime
@@ -86,14 +99,6 @@ class VideoPublic(BaseModel):
             updated_at=iso(record["updated_at"]),
             links=VideoLinks(self=f"/videos/{record['id']}", index_job=index_job and f"/jobs/{index_job}"),
         )
-
-
-class VideoFromURL(BaseModel):
-    """A video to fetch (http or https; the service refuses private and internal addresses)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    url: Text = Field(max_length=8192)
 
 
 class VideoList(BaseModel):
@@ -118,6 +123,11 @@ def _well_formed(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_well_formed)]
+CallbackURL = Annotated[
+    Text | None,
+    Field(max_length=8192, description="An https (or http) URL to POST the signed webhook event to when "
+          "this finishes (service/webhooks.py)."),
+]  # fmt: skip
 
 
 class AskCreate(BaseModel):
@@ -136,6 +146,16 @@ class AskCreate(BaseModel):
         description="Continue this conversation (from an earlier job): its questions and answers go into "
         "the prompt. Without it, the question starts a new conversation.",
     )
+    callback_url: CallbackURL = None
+
+
+class VideoFromURL(BaseModel):
+    """A video to fetch (http or https; the service refuses private and internal addresses)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: Text = Field(max_length=8192)
+    callback_url: CallbackURL = None
 
 
 class CacheInfo(BaseModel):
@@ -199,6 +219,8 @@ class JobPublic(BaseModel):
         description="What the job worked around, e.g. damaged seconds of the video it indexed."
     )
     evidence: Evidence | None
+    callback_url: str | None = Field(description="Where job.succeeded or job.failed is POSTed.")
+    webhook: WebhookDelivery | None
     error: ErrorDetail | None
     created_at: datetime
     updated_at: datetime

@@ -85,11 +85,14 @@ def sniff_container(head: bytes) -> str | None:
     return None
 
 
-def upload_body(json_schema: dict | None = None, **fields: dict) -> dict:
+def upload_body(
+    json_schema: dict | None = None, optional: frozenset[str] = frozenset(), **fields: dict
+) -> dict:
     """The OpenAPI `openapi_extra` of a multipart upload route: the file, and these text fields (JSON
-    Schemas by name, all required); with `json_schema`, the JSON body the route also takes."""
+    Schemas by name, required unless `optional`); with `json_schema`, the JSON body the route also takes."""
     properties = {FILE_FIELD: {"type": "string", "format": "binary"}, **fields}
-    schema = {"type": "object", "required": list(properties), "properties": properties}
+    required = [name for name in properties if name not in optional]
+    schema = {"type": "object", "required": required, "properties": properties}
     content = {"multipart/form-data": {"schema": schema}}
     if json_schema is not None:
         content["application/json"] = {"schema": json_schema}

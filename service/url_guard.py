@@ -68,6 +68,12 @@ class Target:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
 
+    def request_options(self) -> dict:
+        """httpx's `build_request` keywords that send the request to the checked address as the URL's host
+        (its Host header, and TLS' server name and certificate check)."""
+        extensions = {"sni_hostname": self.host} if self.scheme == "https" else {}
+        return {"url": self.pinned_url, "headers": {"Host": self.host_header}, "extensions": extensions}
+
 
 def forbidden(message: str) -> APIError:
     return APIError(400, "url_forbidden", message, param="url")
@@ -89,26 +95,29 @@ def split_url(url: str) -> tuple[str, str, int]:
 
 
 async def check_url(url: str, allowed: tuple[IPNetwork, ...]) -> Target:
+    """`checked_target` off the event loop (the lookup blocks)."""
+    return await anyio.to_thread.run_sync(checked_target, url, allowed)
+
+
+def checked_target(url: str, allowed: tuple[IPNetwork, ...]) -> Target:
     """The URL's target, once its host resolved to addresses that are all allowed: 400 url_forbidden
     otherwise (before any connection), 400 url_unreachable when the name does not resolve."""
     scheme, host, port = split_url(url)
-    addresses = await resolve(host, port)
+    addresses = resolve(host, port)
     for address in addresses:
         if reason := refusal(address, allowed):
             raise forbidden(f"{host} resolves to a forbidden address: {reason}")
     return Target(url, scheme, host, port, addresses[0])
 
 
-async def resolve(host: str, port: int) -> list[IPAddress]:
+def resolve(host: str, port: int) -> list[IPAddress]:
     """The host's addresses: a literal address as it is (no lookup), else the resolver's answers."""
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
         pass
     try:
-        infos = await anyio.to_thread.run_sync(
-            lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-        )
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError) as exc:
         raise APIError(400, "url_unreachable", f"{host} does not resolve ({exc})", param="url") from None
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))

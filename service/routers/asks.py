@@ -9,6 +9,7 @@ from service.deps import ConversationsDep, QueueDep, RecordsDep, SettingsDep, Te
 from service.errors import APIError, not_found, responses
 from service.schemas import AskCreate, JobPublic
 from service.submissions import submit_answer
+from service.webhooks import check_callback
 
 router = APIRouter(prefix="/ask", tags=["asks"])
 
@@ -38,6 +39,7 @@ def ask(
     if max_new_tokens > settings.max_new_tokens_limit:
         raise APIError(422, "validation_error",
                        f"max_new_tokens: at most {settings.max_new_tokens_limit}")  # fmt: skip
+    callback = {"callback_url": check_callback(body.callback_url, settings)} if body.callback_url else {}
     video = records.get_video(body.video_id, tenant)
     if video is None:
         raise not_found("video")
@@ -54,7 +56,7 @@ def ask(
             raise APIError(409, "conversation_mismatch", "the conversation is about another video")
     job = submit_answer(
         records, queue, tenant=tenant, video_id=video["id"], question=question, mode=body.mode.value,
-        max_new_tokens=max_new_tokens, conversation_id=conversation["id"],
+        max_new_tokens=max_new_tokens, conversation_id=conversation["id"], **callback,
     )  # fmt: skip
     conversations.add_job(conversation["id"], job["id"])
     response.headers["Location"] = f"/jobs/{job['id']}"

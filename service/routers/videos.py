@@ -5,11 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from service.contract import Settings, VideoStatus
 from service.deps import ConversationsDep, DownloadsDep, QueueDep, RecordsDep, SettingsDep, TenantDep
 from service.errors import not_found, responses
 from service.schemas import VideoFromURL, VideoList, VideoPublic
 from service.submissions import register_upload, remove_video
 from service.uploads import read_json, receive_request_upload, remove_quietly, upload_body
+from service.webhooks import check_callback
 
 router = APIRouter(prefix="/videos", tags=["videos"])
 
@@ -25,7 +27,11 @@ MAX_OFFSET = 1_000_000_000  # Redis ranges are 64-bit: an offset near 2**63 woul
         200: {"model": VideoPublic, "description": "The caller uploaded these bytes before: that video."},
         **responses(400, 401, 408, 413, 415, 422, 503, 507),
     },
-    openapi_extra=upload_body(json_schema=VideoFromURL.model_json_schema()),
+    openapi_extra=upload_body(
+        json_schema=VideoFromURL.model_json_schema(),
+        optional=frozenset({"callback_url"}),
+        callback_url={"type": "string", "maxLength": 8192},
+    ),  # fmt: skip
 )
 async def upload_video(
     request: Request, response: Response, settings: SettingsDep, records: RecordsDep, queue: QueueDep,
@@ -34,21 +40,34 @@ async def upload_video(
     """Upload a video as multipart field `file`, or give its URL as JSON; it is indexed in the background."""
     if request.headers.get("content-type", "").partition(";")[0].strip() == "application/json":
         body = await read_json(request, VideoFromURL)
-        video = await downloads.start(body.url, tenant)
+        callback = await _callback(body.callback_url, settings)
+        video = await downloads.start(body.url, tenant, **callback)
         response.headers["Location"] = f"/videos/{video['id']}"
         response.headers["Retry-After"] = str(INDEX_RETRY_AFTER_S)
         return VideoPublic.from_record(video)
     upload = await receive_request_upload(request, settings)
     try:
-        video, created = await run_in_threadpool(register_upload, upload, settings, records, queue, tenant)
+        callback = await _callback(upload.fields.get("callback_url"), settings)
+        video, created = await run_in_threadpool(
+            lambda: register_upload(upload, settings, records, queue, tenant, **callback)
+        )
     finally:
         remove_quietly(upload.path)  # moved into place, or a duplicate
+    if callback and not created and video["status"] not in (VideoStatus.READY, VideoStatus.FAILED):
+        await run_in_threadpool(lambda: records.update_video(video["id"], **callback))
     response.headers["Location"] = f"/videos/{video['id']}"
     if created:
         response.headers["Retry-After"] = str(INDEX_RETRY_AFTER_S)
     else:
         response.status_code = 200
     return VideoPublic.from_record(video)
+
+
+async def _callback(url: str | None, settings: Settings) -> dict[str, str]:
+    """The video's callback_url field, once the SSRF guard let it pass; {} without one."""
+    if not url:
+        return {}
+    return {"callback_url": await run_in_threadpool(check_callback, url, settings)}
 
 
 @router.get("", response_model=VideoList, responses=responses(401, 422))

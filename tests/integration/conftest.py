@@ -61,6 +61,10 @@ class Stack:
         self.wait_until(lambda: httpx.get(f"{self.base_url}/readyz").status_code == 200, "a worker is ready",
                         timeout)  # fmt: skip
 
+    def stop_api(self) -> None:
+        self._stop(self.api)
+        self.api = None
+
     def stop_worker(self) -> None:
         self._stop(self.worker)
         self.worker = None

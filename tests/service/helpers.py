@@ -5,6 +5,7 @@ import base64
 import json
 import struct
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -54,7 +55,9 @@ class LoopbackServer:
     or deliver to. `handle(handler)` answers each request (a BaseHTTPRequestHandler: path, headers, body in
     `handler.body`); the server counts the connections it accepted and keeps every request it read."""
 
-    def __init__(self, handle: Callable[[BaseHTTPRequestHandler], None], host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, handle: Callable[[BaseHTTPRequestHandler], None], host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         assert host.startswith("127."), "tests talk to loopback addresses only"
         owner = self
 
@@ -81,7 +84,7 @@ class LoopbackServer:
 
         self.connections = 0
         self.requests: list[tuple[str, str, dict, bytes]] = []
-        self.server = Server((host, 0), Handler)
+        self.server = Server((host, port), Handler)
         self.host, self.port = host, self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -104,3 +107,12 @@ def reply(handler: BaseHTTPRequestHandler, status: int, body: bytes = b"", heade
         handler.send_header(name, value)
     handler.end_headers()
     handler.wfile.write(body)
+
+
+def wait_for(condition: Callable, timeout: float = 10, poll: float = 0.05):
+    """`condition()`'s first truthy value, asked every `poll` seconds; fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(poll)
+    return value

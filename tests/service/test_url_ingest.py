@@ -16,7 +16,7 @@ from service.errors import APIError
 from service.ingest import MAX_REDIRECTS, download
 from service.url_guard import check_url, parse_networks, refusal
 from tests.service.conftest import ALICE, ALICE_KEY
-from tests.service.helpers import LoopbackServer, fake_mp4, reply
+from tests.service.helpers import LoopbackServer, fake_mp4, reply, wait_for
 
 ALLOWED = "127.0.0.1/32"
 VIDEO = fake_mp4(21, size=64 * 1024)
@@ -80,6 +80,12 @@ def settings_for(tmp_path, **overrides) -> Settings:
 
 def fetch(url: str, settings: Settings):
     return asyncio.run(download(url, settings))
+
+
+def settled(client, video_id: str) -> dict | None:
+    """The video once it is no longer downloading."""
+    video = client.get(f"/videos/{video_id}", headers=ALICE).json()
+    return None if video["status"] == "downloading" else video
 
 
 def incoming(settings: Settings) -> list:
@@ -170,12 +176,7 @@ def test_post_videos_with_a_url_shows_downloading_then_indexes(make_client, reco
         video = response.json()
         assert video["status"] == "downloading" and video["links"]["index_job"] is None
         assert client.get(f"/videos/{video['id']}", headers=ALICE).json()["status"] == "downloading"
-        deadline = time.monotonic() + 10
-        while (current := client.get(f"/videos/{video['id']}", headers=ALICE).json())[
-            "status"
-        ] == "downloading":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        current = wait_for(lambda: settled(client, video["id"]))
     assert current["status"] == "queued" and current["size_bytes"] == len(VIDEO)
     assert current["filename"] == "video.mp4" and current["links"]["index_job"]
 
@@ -202,10 +203,7 @@ def test_a_failed_download_fails_its_video_with_the_code(make_client, servers):
     allowed, _ = servers
     client = make_client(api_keys=f"{ALICE_KEY}:alice", url_allowed_networks=ALLOWED)
     video = client.post("/videos", json={"url": allowed.url("/text")}, headers=ALICE).json()
-    deadline = time.monotonic() + 10
-    while (current := client.get(f"/videos/{video['id']}", headers=ALICE).json())["status"] == "downloading":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    current = wait_for(lambda: settled(client, video["id"]))
     assert current["status"] == "failed" and current["error"]["code"] == "unsupported_media"
 
 
