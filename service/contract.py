@@ -148,6 +148,11 @@ class Keys:
         """Hash: worker name -> last heartbeat (unix seconds), for /readyz."""
         return f"{self.prefix}:workers"
 
+    def downloads(self) -> str:
+        """Sorted set: videos given by URL, by when their download must have ended (the reaper fails those
+        still downloading after it: their API process died)."""
+        return f"{self.prefix}:downloads"
+
     def webhooks_due(self) -> str:
         """Sorted set: webhook events ("<type>|<resource id>") by when their next delivery attempt is due."""
         return f"{self.prefix}:webhooks:due"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from urllib.parse import urlsplit
 
 import anyio
@@ -22,6 +23,9 @@ from service.url_guard import check_url, parse_networks
 
 log = logging.getLogger(__name__)
 
+DEADLINE_SLACK_S = 60.0  # past its time cap and this, a download still running has lost its process
+INTERRUPTED = "url_interrupted", "the download stopped with the API process that ran it: give the URL again"
+
 
 class Downloads:
     """The downloads this process runs, as asyncio tasks; `close()` cancels them and fails their videos
@@ -35,9 +39,12 @@ class Downloads:
         """A `downloading` video for the URL, its download started -> its record. A URL the SSRF guard
         refuses is a 400 now, before anything connects anywhere."""
         await check_url(url, parse_networks(self.settings.url_allowed_networks))
+        deadline = time.time() + self.settings.url_timeout_seconds + DEADLINE_SLACK_S
         name = safe_filename(urlsplit(url).path.encode()) if urlsplit(url).path.strip("/") else "video"
         video = await run_in_threadpool(
-            lambda: self.records.create_download(tenant=tenant, url=url, filename=name, **fields)
+            lambda: self.records.create_download(
+                tenant=tenant, url=url, filename=name, deadline=deadline, **fields
+            )  # fmt: skip
         )
         task = asyncio.create_task(self._fetch(video["id"], url, tenant), name=f"download-{video['id']}")
         self.tasks.add(task)
@@ -54,8 +61,7 @@ class Downloads:
             upload = await download(url, self.settings)
         except asyncio.CancelledError:
             with anyio.CancelScope(shield=True):
-                await self._fail(video_id, "url_interrupted", "the API stopped during the download: give the "
-                                 "URL again")  # fmt: skip
+                await self._fail(video_id, *INTERRUPTED)
             raise
         except APIError as exc:
             await self._fail(video_id, exc.code, exc.message)

@@ -144,10 +144,12 @@ class Records:
                 except redis.WatchError:
                     continue  # another upload of the same bytes won the race: read its video
 
-    def create_download(self, *, tenant: str, url: str, filename: str, **fields: Any) -> dict:
+    def create_download(
+        self, *, tenant: str, url: str, filename: str, deadline: float, **fields: Any
+    ) -> dict:
         """A video given by URL, `downloading` until its bytes arrive (`update_video` then sets its sha256,
-        size, path and container). Not deduplicated: its bytes are not known yet (their compressed cache
-        is shared all the same, keyed by content)."""
+        size, path and container) or `deadline` (unix seconds) passes. Not deduplicated: its bytes are not
+        known yet (their compressed cache is shared all the same, keyed by content)."""
         video_id, now = new_id("vid"), time.time()
         record = {
             "id": video_id, "tenant": tenant, "sha256": "", "filename": filename, "size_bytes": 0, "path": "",
@@ -161,6 +163,7 @@ class Records:
             pipe.hset(self.keys.video(video_id), mapping=_encode(record))
             pipe.zadd(self.keys.tenant_videos(tenant), {video_id: now})
             pipe.hincrby(self.keys.counter("videos"), VideoStatus.DOWNLOADING.value, 1)
+            pipe.zadd(self.keys.downloads(), {video_id: deadline})
             pipe.execute()
         return record
 

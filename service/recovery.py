@@ -22,6 +22,7 @@ import time
 import redis
 
 from service.contract import TERMINAL_JOB_STATES, JobStatus, Settings, VideoStatus
+from service.downloads import INTERRUPTED
 from service.queue import TaskQueue
 from service.records import Records
 
@@ -66,9 +67,23 @@ class Reaper:
             del suspects[job_id]
             done[self._recover(job)] += 1
         self._suspects = suspects
+        self._fail_lost_downloads(now)
         if done["requeued"] or done["failed"]:
             logger.warning("stale jobs: %(requeued)d sent again, %(failed)d failed (worker_lost)", done)
         return done
+
+    def _fail_lost_downloads(self, now: float) -> None:
+        """Videos still downloading past their deadline: the API process fetching them died."""
+        client, key = self.records.client, self.records.keys.downloads()
+        for video_id in client.zrangebyscore(key, "-inf", now):
+            video = self.records.get_video(video_id)
+            if video is not None and video["status"] == VideoStatus.DOWNLOADING:
+                code, message = INTERRUPTED
+                failed = {"status": VideoStatus.FAILED, "stage": "failed", "error_code": code,
+                          "error_message": message}  # fmt: skip
+                self.records.update_video(video_id, **failed)
+                logger.warning("video %s failed: its download was lost with its API process", video_id)
+            client.zrem(key, video_id)
 
     def _take_sweep(self, client: redis.Redis, key: str, ttl_ms: int) -> bool:
         """The sweep's lease: free, or still ours from the last sweep (taken again if it just lapsed)."""

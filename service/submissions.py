@@ -103,6 +103,17 @@ def artifact_paths(settings: Settings, artifact_key: str) -> list[Path]:
     return [path for path in paths if path.is_relative_to(root)]
 
 
+def check_answerable(video: dict) -> None:
+    """409 when no question about the video can be answered: it failed to index (video_failed), or it is
+    still downloading (video_downloading: ask again once it is queued)."""
+    if video["status"] == VideoStatus.FAILED:
+        raise APIError(409, "video_failed", f"the video failed to index ({video.get('error_code')}: "
+                       f"{video.get('error_message')}): upload it again")  # fmt: skip
+    if video["status"] == VideoStatus.DOWNLOADING:
+        raise APIError(409, "video_downloading", "the video is still downloading; ask once its status is "
+                       "queued", headers={"Retry-After": "5"})  # fmt: skip
+
+
 def submit_answer(records: Records, queue: TaskQueue, *, tenant: str, video_id: str, **fields) -> dict:
     """A new answer job about the video (question, mode, max_new_tokens, ... in `fields`), enqueued -> its
     record. 404 when the video is gone; 503 queue_unavailable (the job failed) when the broker is."""

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service.contract import VideoStatus
 from service.deps import ConversationsDep, QueueDep, RecordsDep, SettingsDep, TenantDep
 from service.errors import APIError, not_found, responses
 from service.schemas import AskCreate, JobPublic
-from service.submissions import submit_answer
+from service.submissions import check_answerable, submit_answer
 from service.webhooks import check_callback
 
 router = APIRouter(prefix="/ask", tags=["asks"])
@@ -43,9 +42,7 @@ def ask(
     video = records.get_video(body.video_id, tenant)
     if video is None:
         raise not_found("video")
-    if video["status"] == VideoStatus.FAILED:
-        raise APIError(409, "video_failed",
-                       f"the video failed to index ({video.get('error_code')}): upload it again")  # fmt: skip
+    check_answerable(video)
     if body.conversation_id is None:
         conversation = conversations.create(tenant=tenant, video_id=video["id"])
     else:

@@ -21,7 +21,7 @@ from service.chat import (
     read_messages,
     usage,
 )
-from service.contract import AskMode, JobStatus, Settings, VideoStatus
+from service.contract import AskMode, JobStatus, Settings
 from service.deps import AsyncRedisDep, QueueDep, RecordsDep, SettingsDep, TenantDep
 from service.errors import APIError, error_response, not_found, openai_responses
 from service.ingest import download, receive_data_url
@@ -35,7 +35,7 @@ from service.openai_schemas import (
 from service.queue import TaskQueue
 from service.records import Records
 from service.routers.jobs import KEEP_ALIVE, finished_job, follow_events
-from service.submissions import register_upload, submit_answer
+from service.submissions import check_answerable, register_upload, submit_answer
 from service.uploads import remove_quietly
 
 router = APIRouter(prefix="/v1/chat", tags=["chat"])
@@ -49,7 +49,7 @@ PATH = "/v1/chat/completions"
     responses={
         200: {"description": "With `stream`: `data: <chat.completion.chunk>` events, then `data: [DONE]`.",
               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-        **openai_responses(400, 401, 404, 408, 413, 415, 500, 503, 504, 507),
+        **openai_responses(400, 401, 404, 408, 409, 413, 415, 500, 503, 504, 507),
     },
 )  # fmt: skip
 async def create_chat_completion(
@@ -108,9 +108,7 @@ async def _video(ref: VideoRef, settings: Settings, records: Records, queue: Tas
             video, _ = await run_in_threadpool(register_upload, upload, settings, records, queue, tenant)
         finally:
             remove_quietly(upload.path)
-    if video["status"] == VideoStatus.FAILED:
-        raise APIError(400, "video_failed", f"the video failed to index ({video.get('error_code')}): "
-                       f"{video.get('error_message')}", param="messages")  # fmt: skip
+    check_answerable(video)
     return video
 
 

@@ -323,3 +323,19 @@ def test_sampling_parameters_out_of_range_are_400(client, extra, param):
     with pytest.raises(openai.BadRequestError) as error:
         ask(client, [video_part("vid_x"), {"type": "text", "text": "Hi?"}], **extra)
     assert error.value.param.startswith(param), error.value.body
+
+
+def test_a_video_that_failed_or_is_still_downloading_cannot_be_asked_about(client, records):
+    failed = upload(client, fake_mp4(16))
+    records.update_video(
+        failed.id, status=VideoStatus.FAILED, error_code="corrupt_video", error_message="bad"
+    )
+    with pytest.raises(openai.ConflictError) as conflict:
+        ask(client, [video_part(failed.id), {"type": "text", "text": "Hi?"}])
+    assert conflict.value.code == "video_failed" and "corrupt_video" in conflict.value.message
+    downloading = records.create_download(tenant="alice", url="http://x/v.mp4", filename="v.mp4",
+                                          deadline=time.time() + 60)  # fmt: skip
+    with pytest.raises(openai.ConflictError) as waiting:
+        ask(client, [video_part(downloading["id"]), {"type": "text", "text": "Hi?"}])
+    assert waiting.value.code == "video_downloading"
+    assert [job for job in records.active_jobs() if records.get_job(job)["kind"] == "answer"] == []

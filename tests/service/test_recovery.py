@@ -88,3 +88,16 @@ def test_one_reaper_sweeps_at_a_time(reaper, records, settings):
     other = Reaper(records, reaper.queue, reaper.settings)
     assert reaper.sweep() == {"requeued": 0, "failed": 0}
     assert other.sweep() == {}
+
+
+def test_a_download_past_its_deadline_fails_and_one_still_in_time_is_left(reaper, records):
+    lost = records.create_download(
+        tenant="alice", url="http://x/a.mp4", filename="a.mp4", deadline=time.time() - 1
+    )
+    running = records.create_download(tenant="alice", url="http://x/b.mp4", filename="b.mp4",
+                                      deadline=time.time() + 600)  # fmt: skip
+    reaper.sweep()
+    failed = records.get_video(lost["id"])
+    assert (failed["status"], failed["error_code"]) == ("failed", "url_interrupted")
+    assert records.get_video(running["id"])["status"] == "downloading"
+    assert records.client.zrange(records.keys.downloads(), 0, -1) == [running["id"]]
