@@ -83,7 +83,7 @@ class SchedulerConfig:
     """
 
     max_active: int = 8
-    max_admit: int = 2
+    max_admit: int = 8
     index_share: float = 0.5
     cache_bytes: int = 4 << 30
 

@@ -157,6 +157,12 @@ def serve(host: str, port: int, model: str | None, data_dir: Path | None, worker
         if PRELOAD not in worker_env:
             _say("worker: libjemalloc not found; running on glibc malloc, whose heap grew faster over "
                  "repeated indexings (install libjemalloc2)")  # fmt: skip
+        # OpenMP's threads sleep between parallel regions instead of spinning: the model's many small ops on
+        # a CPU leave gaps between regions in which a spinning thread burns a core that the API, Redis and
+        # the worker's own task threads need (bench/concurrency.py measured it). With either variable set,
+        # OpenMP's own choice stands.
+        if "OMP_WAIT_POLICY" not in worker_env and "GOMP_SPINCOUNT" not in worker_env:
+            worker_env["OMP_WAIT_POLICY"] = "PASSIVE"
         for index in range(workers):  # each a pool of threads on one scheduler (worker/serving/celery_app.py)
             worker_processes.append(_spawn(
                 [sys.executable, "-m", "celery", "-A", "worker.serving.celery_app", "worker", "-Q", GPU_QUEUE,
