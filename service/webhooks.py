@@ -105,6 +105,8 @@ class Deliverer:
                 self.deliver_due()
             except redis.RedisError as exc:
                 log.warning("webhook deliveries wait for redis: %s", exc)
+            except Exception:  # a bug must not end the thread: the next poll tries again
+                log.exception("webhook deliveries failed")
 
     def deliver_due(self) -> int:
         """One attempt of every event due now (that no other process took) -> how many."""
@@ -173,6 +175,6 @@ class Deliverer:
                 response = client.send(request)
         except APIError as exc:
             return False, exc.code
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ValueError) as exc:  # no answer, or a URL httpx cannot send to
             return False, type(exc).__name__
         return 200 <= response.status_code < 300, str(response.status_code)
