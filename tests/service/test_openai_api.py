@@ -13,7 +13,7 @@ import pytest
 from service.contract import JobStatus, VideoStatus
 from service.records import Records
 from tests.service.conftest import ALICE_KEY, BOB_KEY
-from tests.service.helpers import fake_mp4, wav_header
+from tests.service.helpers import fake_mp4, wait_for, wav_header
 
 MODEL = "tiny-vl"
 
@@ -339,3 +339,32 @@ def test_a_video_that_failed_or_is_still_downloading_cannot_be_asked_about(clien
         ask(client, [video_part(downloading["id"]), {"type": "text", "text": "Hi?"}])
     assert waiting.value.code == "video_downloading"
     assert [job for job in records.active_jobs() if records.get_job(job)["kind"] == "answer"] == []
+
+
+def test_a_streamed_chat_sends_keep_alives_while_the_video_is_indexed(app_client, records, monkeypatch):
+    from service.routers import jobs
+
+    monkeypatch.setattr(jobs, "SSE_KEEPALIVE_S", 0.1)
+    file = upload(sdk(app_client), fake_mp4(17))
+    content = [video_part(file.id), {"type": "text", "text": "Hi?"}]
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": content}],
+    }
+    lines: list[str] = []
+
+    def stream():
+        headers = {"Authorization": f"Bearer {ALICE_KEY}"}
+        with app_client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    wait_for(lambda: lines.count(": keep-alive") >= 2)
+    with answering_worker(records):  # the worker comes only now
+        streaming.join(10)
+    assert lines.count(": keep-alive") >= 2 and lines[-2:] == ["data: [DONE]", ""]
+    assert any('"content":"It "' in line for line in lines)
