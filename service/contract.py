@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +21,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 INDEX_TASK = "worker.tasks.index_video"
 ANSWER_TASK = "worker.tasks.answer"
 GPU_QUEUE = "gpu"
+
+
+def worker_queue(worker: str) -> str:
+    """The queue only `worker` consumes (besides GPU_QUEUE): where asks about the videos it holds are sent."""
+    return f"{GPU_QUEUE}.{worker}"
 
 
 # ---- states ------------------------------------------------------------------------------------------
@@ -148,6 +154,16 @@ class Keys:
         """Hash: worker name -> last heartbeat (unix seconds), for /readyz."""
         return f"{self.prefix}:workers"
 
+    def worker_states(self) -> str:
+        """Hash: worker name -> JSON {"at", "artifacts"}: when it last wrote and the keys of the artifacts its
+        memory tier holds, for routing follow-ups to it."""
+        return f"{self.prefix}:worker-states"
+
+    def worker_tasks(self) -> str:
+        """Hash: worker name -> the tasks it runs now (counted up and down by the worker as they start and
+        end), for routing's load guard."""
+        return f"{self.prefix}:worker-tasks"
+
     def downloads(self) -> str:
         """Sorted set: videos given by URL, by when their download must have ended (the reaper fails those
         still downloading after it: their API process died)."""
@@ -209,6 +225,13 @@ class Settings(BaseSettings):
     scheduler_max_admit: int = Field(default=8, ge=1)
     scheduler_index_share: float = Field(default=0.5, gt=0, le=1)
     scheduler_cache_bytes: int = Field(default=4 * 1024**3, gt=0)
+    # Routing asks across workers (service/routing.py): "affinity" sends a follow-up to a worker whose memory
+    # tier holds its video, else to the one rendezvous hashing picks, unless that worker's backlog exceeds the
+    # least loaded one's by more than `routing_guard_tasks` and `routing_guard_ratio` times; "shared" puts
+    # every ask on the one queue all workers take from.
+    routing: Literal["affinity", "shared"] = "affinity"
+    routing_guard_tasks: int = Field(default=2, ge=0)
+    routing_guard_ratio: float = Field(default=1.5, ge=1)
     # A job's and a build's lease outlive their worker's death by at most this many seconds.
     lease_seconds: float = Field(default=30.0, ge=1)
     # How often a worker sweeps for jobs whose worker died (see worker/recovery.py), and how many runs a

@@ -24,6 +24,7 @@ from service.queue import TaskQueue
 from service.records import Records
 from service.recovery import Reaper
 from service.routers import asks, chat, conversations, files, health, jobs, media, models, page, videos
+from service.routing import Router
 from service.uploads import incoming_dir, sweep_incoming
 from service.webhooks import Deliverer
 
@@ -67,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10
     )  # connects on first use, not here
     app.state.records = Records(client, settings.keys)
-    app.state.queue = TaskQueue(settings)
+    app.state.queue = TaskQueue(settings, Router(client, settings.keys, settings))
     app.state.metrics = Metrics(app.state.records)
     app.state.media_tokens = MediaTokens(settings)
     app.state.conversations = Conversations(app.state.records)

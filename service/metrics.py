@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.queue import TaskQueue
 from service.records import Records
+from service.routing import REASONS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class RedisCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("videoqa_redis_up", "Whether Redis answered this scrape.")
         try:
-            depth = TaskQueue.depth(self.records.client)
+            depth = TaskQueue.depth(self.records.client, self.records.keys)
             counters = {name: self.records.counters(name) for name in _COUNTERS}
             workers = len(self.records.live_workers())
         except redis.RedisError as exc:
@@ -70,6 +71,18 @@ class RedisCollector(Collector):
         yield _by_label("videoqa_jobs", "Jobs by state.", "state", counters["jobs"])
         yield _by_label("videoqa_videos", "Videos by status.", "status", counters["videos"])
         yield _cache_lookups(counters["cache"])
+        lookups = sum(n for field, n in counters["cache"].items() if field.startswith(("hit:", "miss:")))
+        yield GaugeMetricFamily(
+            "videoqa_memory_tier_hit_ratio",
+            "Cache lookups answered from a worker's memory tier, of all.",
+            value=counters["cache"].get("hit:memory", 0) / lookups if lookups else 0.0,
+        )
+        routes = CounterMetricFamily(
+            "videoqa_routing_decisions", "Asks routed, by why their queue was chosen.", labels=["reason"]
+        )
+        for reason in REASONS:
+            routes.add_metric([reason], counters["routing"].get(reason, 0))
+        yield routes
         yield _by_label("videoqa_artifact_bytes", "Compressed artifact bytes by tier.", "tier",
                         counters["artifact_bytes"])  # fmt: skip
         yield _by_label(
@@ -78,7 +91,7 @@ class RedisCollector(Collector):
 
 
 # The Records counter hashes read at each scrape (see service.records and worker/serving/tasks.py).
-_COUNTERS = ("jobs", "videos", "cache", "artifact_bytes", "engine")
+_COUNTERS = ("jobs", "videos", "cache", "artifact_bytes", "engine", "routing")
 
 
 def _cache_lookups(cache: dict[str, float]) -> CounterMetricFamily:

@@ -364,9 +364,14 @@ class Records:
 
     # ---- workers and metrics --------------------------------------------------------------------------
 
-    def heartbeat(self, worker: str) -> None:
-        """Record that `worker` is alive now (call every few seconds; /readyz wants one under 30 s old)."""
-        self.client.hset(self.keys.workers(), worker, time.time())
+    def heartbeat(self, worker: str, state: dict | None = None) -> None:
+        """Record that `worker` is alive now (call every few seconds; /readyz wants one under 30 s old), and
+        its `state` for routing (service/routing.py `WorkerState`)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(self.keys.workers(), worker, time.time())
+            if state is not None:
+                pipe.hset(self.keys.worker_states(), worker, json.dumps(state))
+            pipe.execute()
 
     def live_workers(self, max_age_s: float = 30) -> list[str]:
         """Workers whose last heartbeat is younger than max_age_s."""

@@ -25,6 +25,7 @@ from service.contract import TERMINAL_JOB_STATES, JobStatus, Settings, VideoStat
 from service.downloads import INTERRUPTED
 from service.queue import TaskQueue
 from service.records import Records
+from service.routing import live_states
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class Reaper:
         if not self._take_sweep(client, keys.reaper(), ttl_ms=max(1, round(interval * 900))):
             return {}
         now = time.time()
-        waiting = TaskQueue.waiting_ids(client)
+        self._hand_back_dead_workers_queues(now)
+        waiting = TaskQueue.waiting_ids(client, keys)
         done = {"requeued": 0, "failed": 0}
         suspects = {}
         for job_id in self.records.active_jobs():
@@ -71,6 +73,18 @@ class Reaper:
         if done["requeued"] or done["failed"]:
             logger.warning("stale jobs: %(requeued)d sent again, %(failed)d failed (worker_lost)", done)
         return done
+
+    def _hand_back_dead_workers_queues(self, now: float) -> None:
+        """The asks routed to a worker that died wait in its own queue: they go to the shared one, where the
+        other workers take them (service/routing.py)."""
+        client, key = self.records.client, self.records.keys.worker_states()
+        live = live_states(client, self.records.keys, now)
+        for worker in client.hkeys(key):
+            if worker not in live:
+                if moved := TaskQueue.hand_back(client, worker):
+                    logger.warning("worker %s is gone: %d queued asks go to the shared queue", worker, moved)
+                client.hdel(key, worker)
+                client.hdel(self.records.keys.worker_tasks(), worker)
 
     def _fail_lost_downloads(self, now: float) -> None:
         """Videos still downloading past their deadline: the API process fetching them died."""

@@ -34,7 +34,7 @@ _VIDEO_FACTS = (
 )  # fmt: skip
 _JOB_FACTS = (
     "id", "kind", "video_id", "status", "question", "mode", "max_new_tokens", "answer", "token_count",
-    "timings", "conversation_id", "history_turns", "warnings", "callback_url", "webhook",
+    "timings", "conversation_id", "history_turns", "warnings", "callback_url", "webhook", "worker", "route",
 )  # fmt: skip
 
 
@@ -214,6 +214,12 @@ class JobPublic(BaseModel):
     conversation_id: str | None = Field(description="Pass it with the next question to follow up.")
     history_turns: int | None = Field(description="Earlier exchanges that fit the prompt's history budget.")
     cache: CacheInfo | None
+    worker: str | None = Field(description="The worker that answered.")
+    route: str | None = Field(
+        description="Why the ask went to its queue: holder (that worker held the video in memory), hash (the "
+        "video's worker by rendezvous hashing), guard (the least loaded worker: the chosen one had too "
+        "long a backlog) or shared (the queue every worker takes from)."
+    )
     timings: dict[str, float] | None = Field(description="Seconds per stage.")
     warnings: list[str] | None = Field(
         description="What the job worked around, e.g. damaged seconds of the video it indexed."

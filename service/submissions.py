@@ -114,15 +114,19 @@ def check_answerable(video: dict) -> None:
                        "queued", headers={"Retry-After": "5"})  # fmt: skip
 
 
-def submit_answer(records: Records, queue: TaskQueue, *, tenant: str, video_id: str, **fields) -> dict:
-    """A new answer job about the video (question, mode, max_new_tokens, ... in `fields`), enqueued -> its
-    record. 404 when the video is gone; 503 queue_unavailable (the job failed) when the broker is."""
+def submit_answer(records: Records, queue: TaskQueue, *, tenant: str, video: dict, **fields) -> dict:
+    """A new answer job about the video (question, mode, max_new_tokens, ... in `fields`), enqueued on the
+    queue its route names (service/routing.py) -> its record. 404 when the video is gone; 503
+    queue_unavailable (the job failed) when the broker is."""
+    route = queue.route(video)
     try:
-        job = records.create_job(tenant=tenant, video_id=video_id, kind="answer", **fields)
+        job = records.create_job(tenant=tenant, video_id=video["id"], kind="answer", routed_to=route.worker,
+                                 route=route.reason, **fields)  # fmt: skip
     except LookupError:
         raise not_found("video") from None
+    records.incr_counter("routing", route.reason)
     try:
-        queue.answer(job["id"])
+        queue.answer(job["id"], route.queue)
     except Exception as exc:
         log.error("could not enqueue %s: %s", job["id"], exc)
         message = "the task queue is unavailable; ask again later"

@@ -52,7 +52,7 @@ def ask(
         if conversation["video_id"] != video["id"]:
             raise APIError(409, "conversation_mismatch", "the conversation is about another video")
     job = submit_answer(
-        records, queue, tenant=tenant, video_id=video["id"], question=question, mode=body.mode.value,
+        records, queue, tenant=tenant, video=video, question=question, mode=body.mode.value,
         max_new_tokens=max_new_tokens, conversation_id=conversation["id"], **callback,
     )  # fmt: skip
     conversations.add_job(conversation["id"], job["id"])

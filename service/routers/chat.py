@@ -72,7 +72,7 @@ async def create_chat_completion(
     video = await _video(turns.video, settings, records, queue, tenant)
     job = await run_in_threadpool(
         lambda: submit_answer(
-            records, queue, tenant=tenant, video_id=video["id"], question=turns.question,
+            records, queue, tenant=tenant, video=video, question=turns.question,
             mode=AskMode.CACHED.value, max_new_tokens=max_new_tokens, history=turns.history,
             temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_strings(),
         )

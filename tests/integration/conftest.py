@@ -54,12 +54,16 @@ class Stack:
 
     def start_worker(self, timeout: float = 90) -> None:
         """A Celery worker as `videoqa serve` starts it: one process, its tasks in threads, one scheduler."""
-        self.worker = self._spawn(
-            "worker", [sys.executable, "-m", "celery", "-A", "worker.serving.celery_app", "worker",
-                       "-Q", "gpu", "--loglevel", "INFO"]
-        )  # fmt: skip
+        self.worker = self.spawn_worker("worker")
         self.wait_until(lambda: httpx.get(f"{self.base_url}/readyz").status_code == 200, "a worker is ready",
                         timeout)  # fmt: skip
+
+    def spawn_worker(self, name: str) -> subprocess.Popen:
+        """A Celery worker process named `name`@host, not waited for."""
+        return self._spawn(
+            name, [sys.executable, "-m", "celery", "-A", "worker.serving.celery_app", "worker", "-Q", "gpu",
+                   "-n", f"{name}@%h", "--loglevel", "INFO"]
+        )  # fmt: skip
 
     def stop_api(self) -> None:
         self._stop(self.api)
@@ -123,16 +127,18 @@ def stack(tmp_path_factory, redis_server, tiny_models):
 
 
 @contextlib.contextmanager
-def videoqa_serve(directory: Path, model: Path, preset: str | None = "tiny", **settings: str):
-    """`videoqa serve` (its own redis-server, one worker, the API) on a free port with `preset` (None: the
-    defaults and what the checkpoint carries) -> its base URL once ready; VIDEOQA_* settings from the
-    keyword arguments. Stopped with Ctrl-C's signal."""
+def videoqa_serve(
+    directory: Path, model: Path, preset: str | None = "tiny", workers: int = 1, **settings: str
+):
+    """`videoqa serve` (its own redis-server, `workers` workers, the API) on a free port with `preset` (None:
+    the defaults and what the checkpoint carries) -> its base URL once every worker is ready; VIDEOQA_*
+    settings from the keyword arguments. Stopped with Ctrl-C's signal."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("VIDEOQA_")}
     env.update(VIDEOQA_DEVICE="cpu", **({"VIDEOQA_PRESET": preset} if preset else {}))
     env.update({f"VIDEOQA_{name.upper()}": value for name, value in settings.items()})
     args = [sys.executable, "-m", "worker.tools.cli", "serve", "--port", str(port), "--model", str(model),
-            "--data-dir", str(directory / "data")]  # fmt: skip
+            "--data-dir", str(directory / "data"), "--workers", str(workers)]  # fmt: skip
     log_path = directory / "serve.log"
     log = log_path.open("wb")
     process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -142,7 +148,8 @@ def videoqa_serve(directory: Path, model: Path, preset: str | None = "tiny", **s
         while True:
             assert process.poll() is None, log_path.read_text()
             try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
+                ready = httpx.get(f"{base}/readyz")
+                if ready.status_code == 200 and len(ready.json().get("workers", [])) >= workers:
                     break
             except httpx.TransportError:
                 pass

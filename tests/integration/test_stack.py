@@ -77,6 +77,8 @@ def test_upload_index_ask_and_a_cached_follow_up(stack):
     assert first["evidence"]["top_moments"] and first["evidence"]["timeline"]
     second = wait_job(client, ask(client, video["id"], "And then?")["id"])
     assert second["cache"]["hit"] is True
+    # one worker: every ask on the shared queue, as before routing existed
+    assert (first["route"], second["route"]) == ("shared", "shared") and first["worker"] == second["worker"]
     assert compressions(stack) == before  # the index task compressed once; asks only read the cache
 
 

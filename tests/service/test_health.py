@@ -68,6 +68,9 @@ def test_metrics_exposition(client, records):
         (("reason", ""), ("result", "hit"), ("tier", "memory")): 2,
         (("reason", "absent"), ("result", "miss"), ("tier", "none")): 1,
     }
+    assert values[("videoqa_memory_tier_hit_ratio", ())] == 2 / 3  # of the lookups, not the other counts
+    assert values[("videoqa_routing_decisions_total", (("reason", "shared"),))] == 1  # no worker: shared
+    assert values[("videoqa_routing_decisions_total", (("reason", "holder"),))] == 0
     assert values[("videoqa_engine_events", (("event", "compressions"),))] == 1
     assert values[("videoqa_artifact_bytes", (("tier", "disk"),))] == 1234
     assert values[("videoqa_redis_up", ())] == 1 and values[("videoqa_workers_live", ())] == 0

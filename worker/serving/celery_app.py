@@ -22,9 +22,10 @@ import logging
 import os
 import threading
 
+import redis
 from celery import Celery, signals
 
-from service.contract import ANSWER_TASK, GPU_QUEUE, INDEX_TASK, Settings
+from service.contract import ANSWER_TASK, GPU_QUEUE, INDEX_TASK, Settings, worker_queue
 from worker.serving.allocator import allocator_in_use
 
 logger = logging.getLogger(__name__)
@@ -81,19 +82,32 @@ app = make_app()
 _heartbeat = None
 
 
+@signals.celeryd_after_setup.connect
+def _take_own_queue(sender=None, instance=None, **_) -> None:
+    """Besides the shared queue, the worker takes from a queue of its own: the asks routed to it because it
+    holds their video (service/routing.py)."""
+    instance.app.amqp.queues.select_add(worker_queue(str(sender)))
+
+
 @signals.worker_init.connect
 def _on_worker_init(sender=None, **_) -> None:
     """In the worker process, before its pool starts: refuse settings that would fail every task, then load
     the model in a thread (a 7B model takes longer than Celery waits for this signal). Tasks that arrive
     meanwhile wait for it (the runtime loads it once, under a lock)."""
-    from worker.serving.runtime import compression_config
+    from worker.serving import runtime
 
     try:
-        compression_config(Settings())
+        runtime.compression_config(Settings())
     except ValueError as error:
         logger.critical("worker cannot start: %s", error)
         raise SystemExit(1) from error  # celery's signal dispatch would log and swallow an Exception
     name = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
+    current = runtime.current()
+    current.name = name
+    try:
+        current.client.hset(current.keys.worker_tasks(), name, 0)  # before the pool starts: none runs yet
+    except redis.RedisError as error:
+        logger.warning("could not reset the task count for routing: %s", error)
     threading.Thread(target=_warm_up_then_beat, args=(name,), name="videoqa-warm-up", daemon=True).start()
 
 
@@ -112,7 +126,7 @@ def _warm_up_then_beat(name: str) -> None:
         os._exit(1)
     logger.info("worker %s ready: model loaded, %s, heartbeating every %.0f s", name, allocator_in_use(),
                 runtime.HEARTBEAT_SECONDS)  # fmt: skip
-    _heartbeat = runtime.Heartbeat(current.records, name).start()
+    _heartbeat = runtime.Heartbeat(current.records, name, current.state, current.changed).start()
 
 
 @signals.worker_shutdown.connect

@@ -7,8 +7,11 @@ here knows about Celery.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 import redis
 
@@ -65,6 +68,30 @@ class WorkerRuntime:
         self._scheduler: Scheduler | None = None
         self._init_lock = threading.Lock()
         self.keeper = LeaseKeeper(interval=settings.lease_seconds / 3)
+        self.name = "worker"  # the Celery worker's name, once it has one
+        self.changed = threading.Event()  # what `state()` says changed: the heartbeat publishes it now
+
+    @contextlib.contextmanager
+    def running(self):
+        """Counts a task in `Keys.worker_tasks` while inside: routing's load guard weighs this worker's
+        backlog by it, so the count is written at once, not with the next heartbeat."""
+        self._count_task(1)
+        try:
+            yield
+        finally:
+            self._count_task(-1)
+
+    def _count_task(self, change: int) -> None:
+        try:
+            self.client.hincrby(self.keys.worker_tasks(), self.name, change)
+        except redis.RedisError as error:  # routing weighs a stale count; the task itself goes on
+            logger.warning("could not count a task for routing: %s", error)
+
+    def state(self) -> dict:
+        """What routing needs of this worker (service/routing.py `WorkerState`): the keys of the artifacts its
+        memory tier holds."""
+        artifacts = sorted(key.to_string() for key in self._store.memory.keys()) if self._store else []
+        return {"at": time.time(), "artifacts": artifacts}
 
     @property
     def loaded(self):
@@ -90,7 +117,7 @@ class WorkerRuntime:
                 if self._store is None:
                     s = self.settings
                     self._store = TieredStore(
-                        MemoryStore(s.memory_cache_bytes, device=device),
+                        MemoryStore(s.memory_cache_bytes, device=device, on_change=self.changed.set),
                         DiskTier(s.artifacts_dir, self.client, self.keys, s.disk_cache_bytes, device=device),
                     )
         return self._store
@@ -130,13 +157,23 @@ class WorkerRuntime:
 
 
 class Heartbeat:
-    """A daemon thread that records `name` as alive in Redis every `interval` seconds until stopped.
+    """A daemon thread that records `name` as alive in Redis, with the worker's `state()` for routing, every
+    `interval` seconds and as soon as `changed` is set, until stopped.
 
     Redis errors are logged and retried at the next beat: a short outage must not kill the worker."""
 
-    def __init__(self, records: Records, name: str, interval: float = HEARTBEAT_SECONDS) -> None:
+    def __init__(
+        self,
+        records: Records,
+        name: str,
+        state: Callable[[], dict],
+        changed: threading.Event,
+        interval: float = HEARTBEAT_SECONDS,
+    ) -> None:
         self.records = records
         self.name = name
+        self.state = state
+        self.changed = changed
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="videoqa-heartbeat", daemon=True)
@@ -146,20 +183,23 @@ class Heartbeat:
         return self
 
     def _run(self) -> None:
-        while True:
+        while not self._stop.is_set():
+            self.changed.clear()
             try:
-                self.records.heartbeat(self.name)
+                self.records.heartbeat(self.name, self.state())
             except redis.RedisError as error:
                 logger.warning("heartbeat failed: %s", error)
-            if self._stop.wait(self.interval):
-                return
+            self.changed.wait(self.interval)
 
     def stop(self) -> None:
         """Stop beating and remove the entry, so /readyz sees at once that this worker is gone."""
         self._stop.set()
+        self.changed.set()
         self._thread.join(timeout=self.interval)
         try:
             self.records.client.hdel(self.records.keys.workers(), self.name)
+            self.records.client.hdel(self.records.keys.worker_states(), self.name)
+            self.records.client.hdel(self.records.keys.worker_tasks(), self.name)
         except redis.RedisError as error:
             logger.warning("could not remove heartbeat of %s: %s", self.name, error)
 

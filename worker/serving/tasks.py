@@ -86,7 +86,8 @@ class GpuTask(Task):
             return
         rt.keeper.add(lease)
         try:
-            with_transient_retries(lambda: work(rt, lease, deadline), deadline)  # a retry keeps the deadline
+            with rt.running():  # a retry keeps the deadline
+                with_transient_retries(lambda: work(rt, lease, deadline), deadline)
         finally:
             rt.keeper.discard(lease)
             lease.release()
@@ -150,7 +151,7 @@ def index_video_job(
         return  # a redelivered message for work already recorded as done
     deadline = deadline or time.monotonic() + rt.settings.soft_time_limit
     recorder = JobRecorder(records, job_id, video, lease)
-    recorder.running(started_at=time.time())
+    recorder.running(started_at=time.time(), worker=rt.name)
     result = None
     try:
         with _recording_failures(rt, video, recorder, lease):
@@ -265,7 +266,7 @@ def answer_job(
         message = f"the video could not be indexed: {video.get('error_message') or video.get('error_code')}"
         recorder.failed("video_failed", message)
         return
-    recorder.running(started_at=time.time())
+    recorder.running(started_at=time.time(), worker=rt.name)
     try:
         with _recording_failures(rt, video, recorder, lease):
             _answer(

@@ -45,13 +45,21 @@ class MemoryStore(ArtifactStore):
     Args:
         budget_bytes (int): most bytes of keys and values held (`CompressedKV.nbytes`); 0 disables the tier.
         device (str | torch.device): where held artifacts live; others are copied there on put.
+        on_change (Callable[[], None]): called after an artifact came or went (the worker publishes what it
+            holds, for routing).
     """
 
     tier = CacheTier.MEMORY.value
 
-    def __init__(self, budget_bytes: int, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        device: str | torch.device = "cpu",
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
         self.budget_bytes = budget_bytes
         self.device = torch.device(device)
+        self.on_change = on_change
         self._items: OrderedDict[ArtifactKey, CompressedKV] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -75,6 +83,7 @@ class MemoryStore(ArtifactStore):
                 oldest, evicted = next(iter(self._items.items()))
                 del self._items[oldest]
                 total -= evicted.nbytes
+        self.on_change()
         return nbytes
 
     def get(self, key: ArtifactKey) -> CompressedKV | None:
@@ -90,7 +99,10 @@ class MemoryStore(ArtifactStore):
 
     def delete(self, key: ArtifactKey) -> bool:
         with self._lock:
-            return self._items.pop(key, None) is not None
+            held = self._items.pop(key, None) is not None
+        if held:
+            self.on_change()
+        return held
 
     def keys(self) -> Iterator[ArtifactKey]:
         with self._lock:
