@@ -240,13 +240,15 @@ def serve_part(args) -> list[str]:
         f"({new['index_alone']:.1f} -> {new['index_busy']:.1f} s; {serial} "
         f"{old['index_busy'] / old['index_alone']:.2f}x).",
         f"- (b) 8 follow-ups at once, the last done after {last(new):.1f}x one alone (goal <= 4x); {serial} "
-        f"{last(old):.1f}x. The 8 cost the machine {new['eight_floor'] * os.cpu_count():.2f} CPU-seconds "
-        "(every process, from the first ask until just after the last answer), "
-        f"{1000 * new['eight_floor']:.0f} ms per core: the last could not be done sooner on "
-        f"{os.cpu_count()} cores.",
+        f"{last(old):.1f}x. The 8 cost the machine {new['eight_floor'] * os.cpu_count():.2f} CPU-seconds, "
+        "every process from the first ask until just after the last answer, this client's 8 new connections "
+        "included (made before each ask's clock starts).",
         f"- (c) {rate_of(new):.2f} answers/s against {rate_of(old):.2f}: {rate:.2f}x the {serial}'s, the "
         f"faster serial row (goal >= 2.5x); the cores were {100 * new['closed_busy']:.0f}% busy ({serial}: "
         f"{100 * old['closed_busy']:.0f}%).",
+        "- What letting OpenMP threads sleep costs a lone answer: "
+        + ", ".join(f"{f['label']} {ms(f['one_alone'])} ms" for f in rows.values())
+        + " ((b)'s one alone): the serial worker's two rows differ only in that setting.",
         "- Load average (1 min) before (a) / (b) / (c): "
         + "; ".join(
             f"{f['label']} {f['load_a']:.2f} / {f['load_b']:.2f} / {f['load_c']:.2f}" for f in rows.values()

@@ -245,7 +245,8 @@ def main() -> None:
         "loaded worker, and equally loaded holders drew the others between them.",
         f"- Balance against hits: on the Zipf trace the busiest worker answered {affinity['max_mean']:.2f}x "
         f"the mean with affinity, {shared['max_mean']:.2f}x on the shared queue; at this size a miss costs "
-        "the few milliseconds below, so the latency follows the balance, not the hits.",
+        "only the few milliseconds below, so latency here shows the balance more than the hits; at 7B a miss "
+        "costs what the next line says.",
         f"- A miss at this size: the artifact loaded from the shared volume in {ms(disk_load or 0)} ms "
         f"(median `load` of the answers served from disk). This volume reads {throughput / 1e9:.2f} GB/s "
         "(1 GiB written, dropped from the page cache, read back); a 7B artifact (`videoqa plan`: "
