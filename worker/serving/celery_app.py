@@ -126,7 +126,7 @@ def _warm_up_then_beat(name: str) -> None:
         os._exit(1)
     logger.info("worker %s ready: model loaded, %s, heartbeating every %.0f s", name, allocator_in_use(),
                 runtime.HEARTBEAT_SECONDS)  # fmt: skip
-    _heartbeat = runtime.Heartbeat(current.records, name, current.state, current.changed).start()
+    _heartbeat = runtime.Heartbeat(current.records, name, current.state).start()
 
 
 @signals.worker_shutdown.connect

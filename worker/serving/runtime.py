@@ -68,8 +68,7 @@ class WorkerRuntime:
         self._scheduler: Scheduler | None = None
         self._init_lock = threading.Lock()
         self.keeper = LeaseKeeper(interval=settings.lease_seconds / 3)
-        self.name = "worker"  # the Celery worker's name, once it has one
-        self.changed = threading.Event()  # what `state()` says changed: the heartbeat publishes it now
+        self.name: str | None = None  # the Celery worker's name, once it has one
 
     @contextlib.contextmanager
     def running(self):
@@ -82,10 +81,22 @@ class WorkerRuntime:
             self._count_task(-1)
 
     def _count_task(self, change: int) -> None:
+        if self.name is None:
+            return  # not a Celery worker: nobody routes to it
         try:
             self.client.hincrby(self.keys.worker_tasks(), self.name, change)
         except redis.RedisError as error:  # routing weighs a stale count; the task itself goes on
             logger.warning("could not count a task for routing: %s", error)
+
+    def publish(self) -> None:
+        """Write this worker's heartbeat and `state()` now (the memory tier changed): before the task that put
+        an artifact there reports its job done, so the next ask about it is routed here."""
+        if self.name is None:
+            return  # not a Celery worker: nobody routes to it
+        try:
+            self.records.heartbeat(self.name, self.state())
+        except redis.RedisError as error:
+            logger.warning("could not publish what the memory tier holds: %s", error)
 
     def state(self) -> dict:
         """What routing needs of this worker (service/routing.py `WorkerState`): the keys of the artifacts its
@@ -117,7 +128,7 @@ class WorkerRuntime:
                 if self._store is None:
                     s = self.settings
                     self._store = TieredStore(
-                        MemoryStore(s.memory_cache_bytes, device=device, on_change=self.changed.set),
+                        MemoryStore(s.memory_cache_bytes, device=device, on_change=self.publish),
                         DiskTier(s.artifacts_dir, self.client, self.keys, s.disk_cache_bytes, device=device),
                     )
         return self._store
@@ -158,7 +169,7 @@ class WorkerRuntime:
 
 class Heartbeat:
     """A daemon thread that records `name` as alive in Redis, with the worker's `state()` for routing, every
-    `interval` seconds and as soon as `changed` is set, until stopped.
+    `interval` seconds until stopped.
 
     Redis errors are logged and retried at the next beat: a short outage must not kill the worker."""
 
@@ -167,13 +178,11 @@ class Heartbeat:
         records: Records,
         name: str,
         state: Callable[[], dict],
-        changed: threading.Event,
         interval: float = HEARTBEAT_SECONDS,
     ) -> None:
         self.records = records
         self.name = name
         self.state = state
-        self.changed = changed
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="videoqa-heartbeat", daemon=True)
@@ -183,18 +192,17 @@ class Heartbeat:
         return self
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self.changed.clear()
+        while True:
             try:
                 self.records.heartbeat(self.name, self.state())
             except redis.RedisError as error:
                 logger.warning("heartbeat failed: %s", error)
-            self.changed.wait(self.interval)
+            if self._stop.wait(self.interval):
+                return
 
     def stop(self) -> None:
         """Stop beating and remove the entry, so /readyz sees at once that this worker is gone."""
         self._stop.set()
-        self.changed.set()
         self._thread.join(timeout=self.interval)
         try:
             self.records.client.hdel(self.records.keys.workers(), self.name)
