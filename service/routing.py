@@ -89,7 +89,8 @@ def least_loaded(workers: list[str], backlogs: dict[str, int]) -> str:
 
 
 class Router:
-    """Routes asks with the workers' published states and their private queues' lengths (one round trip)."""
+    """Routes asks by the workers' published states, their own queues' lengths and their running tasks (two
+    round trips to Redis per ask)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, settings: Settings) -> None:
         self.client = client
