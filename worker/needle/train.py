@@ -1,6 +1,12 @@
-"""Train small Qwen2.5-VL / Qwen2-VL checkpoints from scratch, on CPU, on the synthetic needle task.
+"""Train small Qwen2.5-VL / Qwen2-VL checkpoints on CPU, on the synthetic needle task, in two stages.
 
-    videoqa train-needle models/needle --family qwen2_5_vl
+    videoqa train-needle models/needle-single --family qwen2_5_vl
+    videoqa train-needle models/needle --family qwen2_5_vl --stage binding \
+        --init models/needle-single/qwen2_5_vl
+
+The needle stage trains from scratch to name the colour of a lone shape (and the other needle questions).
+The binding stage starts from its weights and teaches which colour belongs to which shape: stills with
+1-4 shapes at once, then videos where a shape appears among 1-3 others of distinct colours.
 
 Every step draws fresh videos from the seed (`worker.needle.videos`), renders them at the sampling
 rate, passes them through a real H.264 encode and our own decoder and preprocessing (so training sees
@@ -27,11 +33,12 @@ from pathlib import Path
 import av
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig
 
 from worker.engine.config import SamplingConfig
 from worker.engine.decode import sample_frames
 from worker.engine.generate import multimodal_position_ids
-from worker.engine.models import LoadedModel, VisionSpec
+from worker.engine.models import MODEL_CLASSES, LoadedModel, VisionSpec
 from worker.engine.preprocess import normalisation_table, patchify_frames
 from worker.engine.prompt import build_prompt
 from worker.needle.videos import (
@@ -39,12 +46,16 @@ from worker.needle.videos import (
     FRAME_SIZE,
     GENERIC_QUESTION,
     QA,
+    SHAPES,
     VideoSpec,
+    binding_questions,
+    binding_spec,
     event_colour_question,
     event_map,
     questions,
     random_spec,
     render_frame,
+    still_spec,
 )
 from worker.tools.tiny import build_tiny_model, build_tokenizer, save_checkpoint, tiny_config
 
@@ -71,8 +82,14 @@ VISION = {
 }  # fmt: skip
 # Questions per training conversation besides the colour of every shape, drawn at random.
 OTHER_QUESTIONS = 1
-# Classes of the per-token target: what each video token shows.
+# Classes of the per-token targets: what each video token shows, its colour (both stages) and its kind
+# (the binding stage).
 TOKEN_CLASSES = ("background", *COLOURS)
+SHAPE_CLASSES = ("background", *SHAPES)
+STAGES = ("needle", "binding")
+# Binding stage: share of its videos drawn as plain needle videos (0-3 other shapes, colours may repeat), so
+# that it keeps the needle task while it learns binding.
+NEEDLE_SHARE = 0.25
 IGNORED = -100  # tokens a shape only grazes: neither background nor a clear needle
 
 
@@ -105,6 +122,8 @@ class TrainConfig:
         fps (float): sampling rate of training and of the checkpoint's default settings.
         threads (int): torch CPU threads (fixed, so that runs repeat exactly; one is fastest on a shared
             2-core machine, where two threads wait on each other).
+        stage (str): "needle" (from scratch) or "binding" (from `init`'s weights; see `binding_config`).
+        init (str | None): the checkpoint folder the binding stage starts from.
     """
 
     family: str = "qwen2_5_vl"
@@ -122,10 +141,16 @@ class TrainConfig:
     warmup: int = 30
     fps: float = 2.0
     threads: int = 1
+    stage: str = "needle"
+    init: str | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.stage not in STAGES or (self.stage == "binding") != (self.init is not None):
+            raise ValueError(f"stage must be one of {STAGES}; the binding stage (only) needs init")
+        if self.stage == "binding" and self.min_seconds < 6:
+            raise ValueError("binding videos need min_seconds >= 6 (two shapes)")
         if not 3 <= self.min_seconds <= self.start_seconds <= self.max_seconds:
             raise ValueError("need 3 <= min_seconds <= start_seconds <= max_seconds (one event needs 3 s)")
         if not 0 <= self.stills <= self.steps or not 0 <= self.curriculum <= 1:
@@ -134,6 +159,20 @@ class TrainConfig:
     @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(fps=self.fps, long_side=FRAME_SIZE)
+
+    @property
+    def token_attributes(self) -> tuple[str, ...]:
+        """What the per-token head learns from each video token."""
+        return ("colour",) if self.stage == "needle" else ("colour", "shape")
+
+
+def binding_config(family: str, init: str, seed: int = 0, **changes) -> TrainConfig:
+    """The binding stage as committed: 300 steps of 16 stills with 1-4 shapes, then 2100 steps of 8 videos
+    of 6-16 s (a quarter plain needle videos), at half the needle stage's learning rate (the weights
+    already see)."""
+    settings = {"steps": 2400, "stills": 300, "stills_per_step": 16, "videos_per_step": 8, "min_seconds": 6.0,
+                "start_seconds": 8.0, "max_seconds": 16.0, "curriculum": 0.3, "lr": 5e-4}  # fmt: skip
+    return TrainConfig(family=family, seed=seed, stage="binding", init=init, **{**settings, **changes})
 
 
 def checkpoint_settings(config: TrainConfig) -> dict:
@@ -199,10 +238,13 @@ def decoded_frames(spec: VideoSpec, sampling: SamplingConfig, workdir: Path) -> 
     return [f.image for f in sample_frames(path, sampling)]
 
 
-def token_targets(spec: VideoSpec, frames: int, vision: VisionSpec, fps: float) -> torch.Tensor:
-    """Per video token (the order the vision tower emits them: time, then rows, then columns), the class in
-    TOKEN_CLASSES of what it shows: the colour of a shape when the token holds at least a quarter of that
-    shape's pixels over its frames, background where no shape touches it, IGNORED in between."""
+def token_targets(
+    spec: VideoSpec, frames: int, vision: VisionSpec, fps: float, attribute: str = "colour"
+) -> torch.Tensor:
+    """Per video token (the order the vision tower emits them: time, then rows, then columns), the class of
+    what it shows, in TOKEN_CLASSES (`attribute` "colour") or SHAPE_CLASSES ("shape"): the shape's colour or
+    kind when the token holds at least a quarter of that shape's pixels over its frames, background where no
+    shape touches it, IGNORED in between."""
     tp, side = vision.temporal_patch_size, vision.patch_size * vision.merge_size
     groups = -(-frames // tp)
     cover = torch.zeros(groups, len(spec.events), FRAME_SIZE // side, FRAME_SIZE // side)
@@ -214,11 +256,12 @@ def token_targets(spec: VideoSpec, frames: int, vision: VisionSpec, fps: float) 
                 pooled = F.avg_pool2d(pixels[None, None], side, divisor_override=1)[0, 0]
                 cover[index // tp, event] += pooled / total / tp
     strongest, which = cover.max(dim=1)  # [groups, rows, columns]: every video has a shape
-    colours = torch.tensor([TOKEN_CLASSES.index(e.colour) for e in spec.events], dtype=torch.long)
+    classes = TOKEN_CLASSES if attribute == "colour" else SHAPE_CLASSES
+    values = torch.tensor([classes.index(getattr(e, attribute)) for e in spec.events], dtype=torch.long)
     labels = torch.full(strongest.shape, IGNORED, dtype=torch.long)
     labels[cover.sum(dim=1) == 0] = 0
     clear = strongest >= 0.25
-    labels[clear] = colours[which[clear]]
+    labels[clear] = values[which[clear]]
     return labels.flatten()
 
 
@@ -234,7 +277,8 @@ def batch_loss(
 ) -> torch.Tensor:
     """Mean cross-entropy of the supervised answer tokens of several conversations, in one forward: the
     vision tower takes every video at once, the language model a right-padded batch. With `head` and
-    `token_labels` (per video, `token_targets`), plus `token_weight` times the per-token cross-entropy."""
+    `token_labels` (per video, `[tokens, attributes]` of `token_targets`: colour, then shape), plus
+    `token_weight` times the per-token cross-entropy of each attribute."""
     model = loaded.model
     inputs = [patchify_frames(frames, loaded.vision, table) for frames in videos]
     grids = torch.cat([i.video_grid_thw for i in inputs])  # [videos, 3]
@@ -265,7 +309,10 @@ def batch_loss(
     loss = F.cross_entropy(model.lm_head(picked).float(), torch.cat(labels))
     if head is not None and token_weight:
         tokens = head(torch.cat(embeds)).float()
-        loss = loss + token_weight * token_loss(tokens, torch.cat(token_labels))
+        targets = torch.cat(token_labels)  # [tokens, attributes]
+        sizes = (len(TOKEN_CLASSES), len(SHAPE_CLASSES))[: targets.shape[1]]
+        for column, logits in enumerate(tokens.split(sizes, dim=1)):
+            loss = loss + token_weight * token_loss(logits, targets[:, column])
     return loss
 
 
@@ -294,7 +341,18 @@ def videos_at(config: TrainConfig, step: int) -> int:
     return config.stills_per_step if step < config.stills else config.videos_per_step
 
 
-def still_clip(rng: random.Random) -> tuple[VideoSpec, list[QA]]:
+def still_clip(config: TrainConfig, rng: random.Random) -> tuple[VideoSpec, list[QA]]:
+    """A 1-second still and its questions: one shape and its colour (needle stage), or 1-4 shapes at once
+    and the colour of every shape and the shape of every colour (binding stage)."""
+    if config.stage == "binding":
+        spec = still_spec(rng.randrange(1 << 62), "train", rng.randint(1, 4))
+        qas = binding_questions(spec)
+        rng.shuffle(qas)
+        return spec, qas
+    return lone_still(rng)
+
+
+def lone_still(rng: random.Random) -> tuple[VideoSpec, list[QA]]:
     """A 1-second clip over training footage with one shape on screen throughout, and its colour
     question."""
     spec = random_spec(rng.randrange(1 << 62), 3.0, "train", distractors=0)
@@ -303,18 +361,39 @@ def still_clip(rng: random.Random) -> tuple[VideoSpec, list[QA]]:
 
 
 def draw_video(config: TrainConfig, step: int, item: int) -> tuple[VideoSpec, list[QA]]:
-    """A video and its conversation: the colour of every shape in it, then one other question (a still
-    clip and its colour during the first `stills` steps)."""
-    rng = random.Random(f"{config.seed}:{step}:{item}")
+    """A video and its conversation (a still during the first `stills` steps). Needle stage: the colour of
+    every shape in it, then one other question. Binding stage: a binding video (NEEDLE_SHARE of them plain
+    needle videos), the colour of every shape, the shape of every colour only one shape has, and one other
+    question."""
+    prefix = "" if config.stage == "needle" else f"{config.stage}:"  # the needle stage's draws as committed
+    rng = random.Random(f"{prefix}{config.seed}:{step}:{item}")
     if step < config.stills:
-        return still_clip(rng)
+        return still_clip(config, rng)
     seconds = round(rng.uniform(config.min_seconds, longest_at(config, step)), 1)
-    spec = random_spec(rng.randrange(1 << 62), seconds, "train")
+    if config.stage == "binding" and rng.random() >= NEEDLE_SHARE:
+        spec = binding_spec(rng.randrange(1 << 62), seconds, "train")
+    else:
+        spec = random_spec(rng.randrange(1 << 62), seconds, "train")
     _, *others = questions(spec, rng)
-    qas = [event_colour_question(event) for event in spec.events]
+    if config.stage == "binding":
+        qas = binding_questions(spec)
+        others = [qa for qa in others if qa.kind not in ("colour", "shape")]
+    else:
+        qas = [event_colour_question(event) for event in spec.events]
     qas += rng.sample(others, min(OTHER_QUESTIONS, len(others)))
     rng.shuffle(qas)
     return spec, qas
+
+
+def initial_model(config: TrainConfig, tokenizer):
+    """Seeded random weights (needle stage) or the `init` checkpoint's, in float32 (binding stage)."""
+    if config.init is None:
+        model_config = tiny_config(config.family, tokenizer, text=TEXT, vision=VISION[config.family])
+        return build_tiny_model(config.family, tokenizer, model_config, seed=config.seed)
+    model_config = AutoConfig.from_pretrained(config.init)
+    if model_config.model_type != config.family:
+        raise ValueError(f"{config.init} holds a {model_config.model_type} checkpoint, not {config.family}")
+    return MODEL_CLASSES[model_config.model_type].from_pretrained(config.init, dtype=torch.float32)
 
 
 def as_loaded(model, tokenizer, family: str) -> LoadedModel:
@@ -357,10 +436,10 @@ def train(config: TrainConfig, *, log=None, stop_after: int | None = None, worke
     the weights do not depend on `workers`: how many processes compute those gradients in parallel."""
     torch.set_num_threads(config.threads)
     tokenizer = build_tokenizer()
-    model_config = tiny_config(config.family, tokenizer, text=TEXT, vision=VISION[config.family])
-    model = build_tiny_model(config.family, tokenizer, model_config, seed=config.seed).train()
+    model = initial_model(config, tokenizer).train()
     torch.manual_seed(config.seed)
-    head = torch.nn.Linear(model_config.get_text_config().hidden_size, len(TOKEN_CLASSES))  # not saved
+    classes = len(TOKEN_CLASSES) + (len(SHAPE_CLASSES) if "shape" in config.token_attributes else 0)
+    head = torch.nn.Linear(model.config.get_text_config().hidden_size, classes)  # not saved
     params = [*model.parameters(), *head.parameters()]  # every one is trained; the slots cover them all
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
     result = TrainResult(as_loaded(model, tokenizer, config.family))
@@ -442,7 +521,8 @@ class GradientPool:
         for param in self.params:
             param.grad = None
         talk = conversation(loaded.tokenizer, qas)
-        labels = token_targets(spec, len(frames), loaded.vision, self.config.fps)
+        labels = torch.stack([token_targets(spec, len(frames), loaded.vision, self.config.fps, attribute)
+                              for attribute in self.config.token_attributes], dim=1)  # fmt: skip
         loss = batch_loss(loaded, [frames], [talk], _table(loaded.vision), self.config.fps,
                           self.head, [labels], self.config.token_weight)  # fmt: skip
         loss.backward()
@@ -490,11 +570,21 @@ def save_trained(result: TrainResult, config: TrainConfig, folder: Path, record:
         "first_losses": result.losses[:5],
         "losses_every_25": result.losses[::25],
         "final_loss": sum(result.losses[-25:]) / len(result.losses[-25:]),
+        **({"init": init_record(Path(config.init))} if config.init else {}),
         **record,
         "weights_sha256": weights_sha256(folder),
     }
     (folder / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return folder
+
+
+def init_record(folder: Path) -> dict:
+    """What a binding stage started from: the weights' hash and how they were made."""
+    made = folder / RECORD_FILE
+    return {
+        "weights_sha256": weights_sha256(folder),
+        "training": json.loads(made.read_text()) if made.exists() else None,
+    }
 
 
 # ---- held-out evaluation ----------------------------------------------------------------------------
@@ -507,18 +597,22 @@ def colour_accuracy(
     count: int,
     workdir: Path,
     *,
-    distractors: int | None,
+    distractors: int | str | None,
     seed: int = 0,
 ) -> float:
     """Share of held-out videos (eval backgrounds, needle anywhere) whose colour question the model
     answers right, uncompressed, through the real decoder: encoded at 4 fps, sampled at the checkpoint's
-    rate. `distractors`: other shapes in the video (None: 0-3 at random)."""
+    rate. `distractors`: other shapes in the video (None: 0-3 at random, colours may repeat; "binding":
+    1-3, every shape and colour distinct, `binding_spec`)."""
     from worker.engine.answer import answer_uncompressed
     from worker.needle.videos import answer_matches, colour_question, write_video
 
     right = 0
     for index in range(count):
-        spec = random_spec(seed * 1_000_003 + index, seconds, "eval", distractors=distractors)
+        if distractors == "binding":
+            spec = binding_spec(seed * 1_000_003 + index, seconds, "eval")
+        else:
+            spec = random_spec(seed * 1_000_003 + index, seconds, "eval", distractors=distractors)
         path = write_video(spec, workdir / f"eval-{seconds:g}-{index}.mp4")
         qa = colour_question(spec)
         answer = answer_uncompressed(loaded, path, qa.question, sampling=sampling, max_new_tokens=4)
@@ -529,13 +623,15 @@ def colour_accuracy(
 
 def evaluate(loaded: LoadedModel, config: TrainConfig, count: int) -> dict[str, float]:
     """Colour accuracy at the longest training length and at 2x and 4x it: of the needle alone (the
-    needle task) and among 0-3 other shapes (the model must also tell which shape was asked for)."""
+    needle task), among 0-3 other shapes, and among 1-3 other shapes of other colours (the binding task:
+    the model must tell which shape was asked for)."""
     torch.set_num_threads(config.threads)
     accuracy = {}
+    kinds = (("needle alone", 0), ("with 0-3 other shapes", None), ("among 1-3 other shapes", "binding"))
     with tempfile.TemporaryDirectory(prefix="videoqa-eval-") as workdir:
         for factor in (1, 2, 4):
             seconds = config.max_seconds * factor
-            for label, distractors in (("needle alone", 0), ("with 0-3 other shapes", None)):
+            for label, distractors in kinds:
                 accuracy[f"{factor}x ({seconds:g} s), {label}"] = colour_accuracy(
                     loaded, config.sampling, seconds, count, Path(workdir), distractors=distractors
                 )

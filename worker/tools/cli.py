@@ -245,10 +245,15 @@ def _cmd_make_needle(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_needle(args: argparse.Namespace) -> int:
-    from worker.needle.train import TrainConfig, evaluate, save_trained, train
+    from worker.needle.train import TrainConfig, binding_config, evaluate, save_trained, train
 
     steps = {} if args.steps is None else {"steps": args.steps}
-    config = TrainConfig(family=args.family, seed=args.seed, **steps)
+    if args.stage == "binding":
+        if args.init is None:
+            raise SystemExit("--stage binding needs --init: the needle stage's checkpoint folder")
+        config = binding_config(args.family, str(args.init), seed=args.seed, **steps)
+    else:
+        config = TrainConfig(family=args.family, seed=args.seed, **steps)
     result = train(config, log=_say, workers=args.workers)
     _say(f"trained in {result.seconds:.0f}s; evaluating on {args.eval_videos} held-out videos per length")
     accuracy = evaluate(result.loaded, config, args.eval_videos)
@@ -342,13 +347,20 @@ def build_parser(engine_commands: bool = True) -> argparse.ArgumentParser:
 
     needle = commands.add_parser(
         "train-needle",
-        help="train a small checkpoint from scratch on the synthetic needle task (CPU, ~20 minutes)",
+        help="train a small checkpoint on the synthetic needle task (CPU; ~20 minutes a stage)",
     )
     needle.add_argument("dir", type=Path, help="the checkpoint goes to DIR/FAMILY")
     needle.add_argument("--family", choices=("qwen2_5_vl", "qwen2_vl"), default="qwen2_5_vl")
     needle.add_argument("--seed", type=int, default=0)
     needle.add_argument("--steps", type=int, help="optimizer steps (default: the committed checkpoints')")
     needle.add_argument("--eval-videos", type=int, default=100, help="held-out videos per length")
+    needle.add_argument(
+        "--stage",
+        choices=("needle", "binding"),
+        default="needle",
+        help="needle: from scratch; binding: from --init, learns which colour belongs to which shape",
+    )
+    needle.add_argument("--init", type=Path, help="the needle stage's checkpoint folder (--stage binding)")
     needle.add_argument(
         "--workers", type=int, default=4, help="processes computing gradients (the weights are the same)"
     )
