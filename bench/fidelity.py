@@ -36,7 +36,8 @@ import torch
 from baselines import KEEP_ALL, evict_randomly, kept_video_tokens, subsampled
 from common import BUILD, ROOT, write_section
 
-from worker.engine.adaretake import CompressionConfig, EvidenceScratch
+from worker.engine.adaretake import CompressionConfig
+from worker.engine.evidence import EvidenceScratch
 from worker.engine.artifact import CompressedKV
 from worker.engine.checkpoint_settings import read_checkpoint_settings, with_settings
 from worker.engine.config import SamplingConfig
@@ -179,7 +180,8 @@ def reference_probes(
         drift = max((a - b).abs().max().item() for a, b in zip(logits, steps, strict=True))
         assert drift < 1e-4, f"teacher forcing drifts {drift:.1e} from the engine's greedy decoding"
         probes.append(Probe(token_ids, logits))
-        peak = max([peak] + [float(mass.max() / mass.mean()) for mass in evidence.video_mass().values()])
+        layer_mass = [mass.mean(dim=0) for mass in evidence.video_mass().values()]  # [video] per layer
+        peak = max([peak] + [float(mass.max() / mass.mean()) for mass in layer_mass])
     return probes, peak
 
 

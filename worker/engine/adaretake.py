@@ -18,6 +18,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, DynamicCach
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from worker.engine.config import SamplingConfig
+from worker.engine.evidence import EvidenceScratch
 
 LAYER_ALLOCATIONS = ("adakv", "even", "pyramid")
 TEMPORAL_ALLOCATIONS = ("paper", "reference", "none")
@@ -275,51 +276,6 @@ class ChunkScratch:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-@dataclass
-class EvidenceScratch:
-    """Collects, per layer, the queries of the question and answer tokens and the keys they attended to;
-    `video_mass()` then measures, in one product per layer, the attention they put on each cached video
-    token. Measuring per decoded token instead would run a second attention product and softmax per layer
-    on the hot path: a quarter of a decode step with the tiny model, several small kernels per layer on a
-    GPU.
-
-    Args:
-        video_slices (dict[int, slice]): per layer, where its cached video tokens sit among the keys.
-    """
-
-    video_slices: dict[int, slice]
-    queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    # Per layer, the newest keys it attended to: the cache only grows, so earlier keys are their prefix.
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)
-    scaling: float = 1.0
-
-    def collect(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        self.queries.setdefault(layer_idx, []).append(query)
-        self.keys[layer_idx] = key
-        self.scaling = scaling
-
-    def video_mass(self, block: int = 8) -> dict[int, torch.Tensor]:
-        """Per layer, the attention probabilities (softmax in fp32, mean over heads, summed over the
-        queries) on its video keys, each query against the keys it saw: those up to its own. Queries go
-        `block` at a time, which bounds the fp32 probabilities to `[heads, block, keys]`: on this CPU 8
-        was the fastest of 1 to 64 with the tiny model's 16 000-token layers (the block stays in cache),
-        2x slower than 16 at 7B widths, still 2x faster than one query at a time."""
-        mass = {}
-        for layer_idx, queries in self.queries.items():
-            query = torch.cat(queries, dim=2)  # [1, heads, Q, d]
-            key = self.keys[layer_idx]  # [1, kv_heads, K, d]
-            q_len, kv_len = query.shape[2], key.shape[2]
-            video = self.video_slices[layer_idx]
-            total = None
-            for start in range(0, q_len, block):
-                rows = query[:, :, start : start + block]
-                seen = kv_len - q_len + start + rows.shape[2]  # the block's last query sees keys [0, seen)
-                probs = _video_probabilities(rows, key[:, :, :seen], self.scaling, video)
-                total = probs if total is None else total.add_(probs)
-            mass[layer_idx] = total
-        return mass
-
-
 def bottom_right_causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     """`[1, 1, q_len, kv_len]` bool: query i sees every key up to its own, aligned to the END of the keys,
     since the cache is shorter than the uncompressed positions once tokens were dropped."""
@@ -356,24 +312,6 @@ def adaretake_attention(module, query, key, value, attention_mask, scaling=None,
     # multi-token query against a longer cache gets an explicit bottom-right mask.
     mask = None if q_len == 1 or q_len == kv_len else bottom_right_causal_mask(q_len, kv_len, query.device)
     return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
-
-
-def _video_probabilities(query, key, scaling, video: slice) -> torch.Tensor:
-    """`[video keys]`: attention probabilities (softmax in fp32, mean over heads, summed over the queries)
-    of `query` `[1, heads, q, d]` on `key[video]`, the queries aligned to the end of `key` `[1, kv_heads, kv,
-    d]` (bottom-right causal)."""
-    heads, kv_heads = query.shape[1], key.shape[1]
-    q_len, kv_len = query.shape[2], key.shape[2]
-    group = heads // kv_heads  # heads [i * group, (i + 1) * group) share kv head i
-    # Scaled queries times keys in the cache's dtype, softmax in fp32: upcasting the layer's whole cached
-    # keys would copy the cache in fp32, scaling the products would be one more pass over them.
-    queries = query[0].reshape(kv_heads, group * q_len, -1) * scaling
-    logits = torch.bmm(queries, key[0].transpose(1, 2)).view(kv_heads, group, q_len, kv_len)
-    if q_len > 1:  # query i sees the keys up to kv_len - q_len + i: only the last q_len columns differ
-        hidden = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).triu(1)
-        logits[..., kv_len - q_len :].masked_fill_(hidden, float("-inf"))
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [kv_heads, group, q, kv]
-    return probs.view(-1, kv_len)[:, video].sum(dim=0) / heads
 
 
 def _no_model_mask(*args, **kwargs):

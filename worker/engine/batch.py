@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from worker.engine.adaretake import EvidenceScratch
+from worker.engine.evidence import EvidenceScratch
 from worker.engine.models import LoadedModel
 
 

@@ -22,7 +22,6 @@ from worker.engine.adaretake import (
     BudgetLedger,
     ChunkScratch,
     CompressionConfig,
-    EvidenceScratch,
     chunk_distances,
     chunk_keep_counts,
     chunk_token_counts,
@@ -35,6 +34,13 @@ from worker.engine.adaretake import (
 from worker.engine.artifact import ARTIFACT_FORMAT, ArtifactError, CompressedKV
 from worker.engine.batch import BatchedCache, Row, batched_forward
 from worker.engine.decode import SampledFrame
+from worker.engine.evidence import (
+    EvidenceConfig,
+    EvidenceScratch,
+    evidence_timeline,
+    scratch_for,
+    top_moments,
+)
 from worker.engine.features import VisionFeatures
 from worker.engine.generate import (
     embed_tokens,
@@ -343,7 +349,7 @@ class CachedAnswer:
         timeline (list[tuple[float, float]]): (timestamp, share of attention) per sampled frame.
         top_moments (list[tuple[float, float]]): the highest-share timestamps, best first.
         timings (dict[str, float]): seconds: "prefill" (the question), "generate" (the decoding loop) and
-            "evidence" (measuring where the question and answer looked, once the answer is complete).
+            "evidence" (measuring where the question looked, once the answer is complete).
         prompt_ids (list[int]): the tokens prefilled after the cached video (history, question, header).
         history_turns (int): earlier exchanges of the conversation that fit into `prompt_ids`.
     """
@@ -377,7 +383,9 @@ class QuestionPrefill:
             question was prefilled in a batch: its row lives there).
         logits (torch.Tensor): `[vocab]` float32 logits of the prompt's last token.
         next_position (int): M-RoPE position of the first generated token.
-        evidence (EvidenceScratch): collects where the question (and then the answer) attended.
+        evidence (EvidenceScratch): collects where the question (and, for `LEGACY` evidence, the answer)
+            attended.
+        evidence_config (EvidenceConfig): which attention makes the answer's timeline.
     """
 
     cache: Cache | None
@@ -387,77 +395,79 @@ class QuestionPrefill:
     prompt_ids: list[int]
     history_turns: int
     text0: int
+    evidence_config: EvidenceConfig = EvidenceConfig()
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question to prefill after a cached video.
+
+    Args:
+        prompt (PromptSegments): from `build_followup`: its text1 holds the history kept and the question.
+        max_new_tokens (int): room left for the answer.
+        evidence (EvidenceConfig): which attention makes the answer's evidence.
+    """
+
+    artifact: CompressedKV
+    prompt: PromptSegments
+    history_turns: int = 0
+    max_new_tokens: int = 128
+    evidence: EvidenceConfig = EvidenceConfig()
 
 
 @torch.inference_mode()
-def prefill_question(
-    loaded: LoadedModel,
-    artifact: CompressedKV,
-    prompt: PromptSegments,
-    history_turns: int = 0,
-    *,
-    max_new_tokens: int = 128,
-) -> QuestionPrefill:
-    """Prefill `prompt`'s text1 (the history kept by `build_followup`, the question, the assistant header)
-    after the cached video, at its real positions, into a fresh copy of the artifact's cache with room for
-    `max_new_tokens` (the artifact is untouched)."""
+def prefill_question(loaded: LoadedModel, question: Question) -> QuestionPrefill:
+    """Prefill the question's text1 (the history kept by `build_followup`, the question, the assistant
+    header) after the cached video, at its real positions, into a fresh copy of the artifact's cache with
+    room for `max_new_tokens` (the artifact is untouched)."""
     use_adaretake_attention(loaded)
-    text0, evidence = _evidence_scratch(artifact)
-    text1 = prompt.text1_ids
-    cache = cache_from_artifact(loaded, artifact, extra_tokens=len(text1) + max_new_tokens)
+    artifact = question.artifact
+    text0, evidence = scratch_for(artifact, question.evidence)
+    text1 = question.prompt.text1_ids
+    cache = cache_from_artifact(loaded, artifact, extra_tokens=len(text1) + question.max_new_tokens)
     positions = (artifact.next_position + torch.arange(len(text1), device=loaded.device)).expand(3, -1)
     logits = forward(loaded, embed_tokens(loaded, text1), positions, cache, evidence=evidence)
-    return QuestionPrefill(cache, logits, artifact.next_position + len(text1), evidence, text1, history_turns,
-                           text0)  # fmt: skip
+    return QuestionPrefill(cache, logits, artifact.next_position + len(text1), evidence, text1,
+                           question.history_turns, text0, question.evidence)  # fmt: skip
 
 
 @torch.inference_mode()
 def prefill_questions(
-    loaded: LoadedModel, questions: Sequence[tuple[CompressedKV, PromptSegments, int, int]]
+    loaded: LoadedModel, questions: Sequence[Question]
 ) -> tuple[BatchedCache, list[QuestionPrefill]]:
-    """`prefill_question` for several (artifact, prompt, history turns, max new tokens) at once, in one
-    batched forward -> the batch holding their caches (room for each answer) and each one's prefill."""
+    """`prefill_question` for several questions at once, in one batched forward -> the batch holding their
+    caches (room for each answer) and each one's prefill."""
     use_adaretake_attention(loaded)
-    longest = max(len(prompt.text1_ids) for _, prompt, _, _ in questions)
-    scratches = [_evidence_scratch(artifact) for artifact, _, _, _ in questions]
+    longest = max(len(q.prompt.text1_ids) for q in questions)
+    scratches = [scratch_for(q.artifact, q.evidence) for q in questions]
     cache = BatchedCache(
         [
             Row(
-                [keys.to(loaded.device, loaded.dtype) for keys in artifact.keys],
-                [values.to(loaded.device, loaded.dtype) for values in artifact.values],
-                longest + max_new_tokens,  # the padded prompt is written whole, then the answer
+                [keys.to(loaded.device, loaded.dtype) for keys in q.artifact.keys],
+                [values.to(loaded.device, loaded.dtype) for values in q.artifact.values],
+                longest + q.max_new_tokens,  # the padded prompt is written whole, then the answer
                 evidence,
             )
-            for (artifact, _, _, max_new_tokens), (_, evidence) in zip(questions, scratches, strict=True)
+            for q, (_, evidence) in zip(questions, scratches, strict=True)
         ]
     )
     logits = batched_forward(
-        loaded,
-        cache,
-        [prompt.text1_ids for _, prompt, _, _ in questions],
-        [artifact.next_position for artifact, _, _, _ in questions],
+        loaded, cache, [q.prompt.text1_ids for q in questions], [q.artifact.next_position for q in questions]
     )
     prefills = [
         QuestionPrefill(
             None,
             row_logits,
-            artifact.next_position + len(prompt.text1_ids),
+            q.artifact.next_position + len(q.prompt.text1_ids),
             evidence,
-            prompt.text1_ids,
-            history_turns,
+            q.prompt.text1_ids,
+            q.history_turns,
             text0,
+            q.evidence,
         )  # fmt: skip
-        for (artifact, prompt, history_turns, _), (text0, evidence), row_logits in zip(
-            questions, scratches, logits, strict=True
-        )
+        for q, (text0, evidence), row_logits in zip(questions, scratches, logits, strict=True)
     ]
     return cache, prefills
-
-
-def _evidence_scratch(artifact: CompressedKV) -> tuple[int, EvidenceScratch]:
-    """The artifact's leading text tokens and an evidence scratch over each layer's video tokens."""
-    text0 = int((artifact.token_frames[0] < 0).sum())
-    return text0, EvidenceScratch(video_slices={i: slice(text0, n) for i, n in enumerate(artifact.lengths)})
 
 
 def finish_answer(
@@ -470,14 +480,15 @@ def finish_answer(
     text: str | None = None,
 ) -> CachedAnswer:
     """The answer's text (`text` when given: the decoded tokens cut at a stop string) and its evidence:
-    where in the video the question and answer tokens looked."""
+    where in the video the question (and, with `LEGACY` evidence, the answer) looked."""
     started = time.perf_counter()
-    timeline = evidence_timeline(artifact, prefill.evidence.video_mass(), prefill.text0)
+    video_mass = prefill.evidence.video_mass()
+    timeline = evidence_timeline(artifact, video_mass, prefill.text0, prefill.evidence_config)
     return CachedAnswer(
         text=loaded.tokenizer.decode(token_ids, skip_special_tokens=True) if text is None else text,
         token_ids=token_ids,
         timeline=timeline,
-        top_moments=sorted(timeline, key=lambda item: -item[1])[:top_k],
+        top_moments=top_moments(timeline, top_k),
         timings={**timings, "evidence": time.perf_counter() - started},
         prompt_ids=prefill.prompt_ids,
         history_turns=prefill.history_turns,
@@ -496,16 +507,19 @@ def answer_from_artifact(
     on_step: Callable[[torch.Tensor], None] | None = None,
     history: Sequence[tuple[str, str]] = (),
     max_history_tokens: int = 2048,
+    evidence: EvidenceConfig | None = None,
 ) -> CachedAnswer:
     """Prefill the question after the cached video at its real positions, decode greedily, and measure
-    where in the video the question and answer tokens looked: one answer, in this thread.
+    where in the video the question looked: one answer, in this thread.
 
     Args:
         history: the conversation's earlier (question, answer) exchanges, oldest first: placed between the
-            video and the question, the newest that fit `max_history_tokens`."""
+            video and the question, the newest that fit `max_history_tokens`.
+        evidence (EvidenceConfig): which attention makes the evidence (default: the checkpoint's)."""
     started = time.perf_counter()
     prompt, history_turns = build_followup(loaded.tokenizer, question, history, max_history_tokens)
-    prefill = prefill_question(loaded, artifact, prompt, history_turns, max_new_tokens=max_new_tokens)
+    asked = Question(artifact, prompt, history_turns, max_new_tokens, evidence or loaded.evidence)
+    prefill = prefill_question(loaded, asked)
     prefilled = time.perf_counter()
     token_ids = greedy_decode(
         loaded,
@@ -519,23 +533,3 @@ def answer_from_artifact(
     )
     timings = {"prefill": prefilled - started, "generate": time.perf_counter() - prefilled}
     return finish_answer(loaded, artifact, prefill, token_ids, timings, top_k)
-
-
-def evidence_timeline(
-    artifact: CompressedKV, video_mass: dict[int, torch.Tensor], text0: int
-) -> list[tuple[float, float]]:
-    """Share of the question and answer tokens' attention on each sampled frame, averaged over layers.
-
-    Each layer's mass on its video tokens is normalised to 1, spread evenly over the frames of each token's
-    temporal grid, then layers are averaged."""
-    num_frames = len(artifact.timestamps)
-    total = torch.zeros(num_frames, dtype=torch.float64)
-    for layer_idx, mass in video_mass.items():
-        frames = artifact.token_frames[layer_idx][text0:].long()
-        mass = mass.double().cpu()
-        share = mass / mass.sum().clamp_min(1e-30)
-        for step in range(2):  # a token covers the grid's two frames (the last grid may have one)
-            target = (frames + step).clamp_max(num_frames - 1)
-            total.index_add_(0, target, share / 2)
-    total /= max(1, len(video_mass))
-    return [(t, float(s)) for t, s in zip(artifact.timestamps, total.tolist(), strict=True)]

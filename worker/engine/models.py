@@ -18,6 +18,9 @@ from transformers import (
 )
 from transformers.utils.hub import cached_file, extract_commit_hash, resolve_revision
 
+from worker.engine.checkpoint_settings import evidence_config, read_checkpoint_settings
+from worker.engine.evidence import EvidenceConfig
+
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
 
 MODEL_CLASSES = {
@@ -70,6 +73,9 @@ class LoadedModel:
         vision_start_token_id (int): <|vision_start|>.
         vision_end_token_id (int): <|vision_end|>.
         eos_token_ids (tuple[int, ...]): ids that end generation (<|im_end|> and <|endoftext|>).
+        evidence (EvidenceConfig): which attention makes an answer's evidence: what `videoqa
+            calibrate-evidence` wrote to the checkpoint's `videoqa.json`, else the question's prefill over
+            every head.
     """
 
     model: Qwen2_5_VLForConditionalGeneration | Qwen2VLForConditionalGeneration
@@ -84,6 +90,7 @@ class LoadedModel:
     vision_start_token_id: int
     vision_end_token_id: int
     eos_token_ids: tuple[int, ...]
+    evidence: EvidenceConfig = EvidenceConfig()
 
 
 def load_model(
@@ -171,6 +178,7 @@ def _loaded(model, tokenizer: PreTrainedTokenizerBase, name: str, revision: str,
         vision_start_token_id=config.vision_start_token_id,
         vision_end_token_id=config.vision_end_token_id,
         eos_token_ids=_eos_token_ids(model, tokenizer),
+        evidence=evidence_config(read_checkpoint_settings(name)),
     )
 
 

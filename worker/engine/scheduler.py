@@ -36,11 +36,13 @@ import torch
 from worker.engine.artifact import CompressedKV
 from worker.engine.batch import BatchedCache, batched_forward
 from worker.engine.engine import (
+    Question,
     QuestionPrefill,
     finish_answer,
     prefill_questions,
     use_adaretake_attention,
 )
+from worker.engine.evidence import EvidenceConfig
 from worker.engine.generate import DecodeStream
 from worker.engine.models import LoadedModel
 from worker.engine.prompt import PromptSegments, build_followup
@@ -169,6 +171,7 @@ class _Answer:
     top_k: int
     on_text: Callable[[str], None] | None
     sampling: TokenSampling = GREEDY
+    evidence: EvidenceConfig = EvidenceConfig()
     prefill: QuestionPrefill | None = None
     stream: DecodeStream | None = None
     next_token: int | None = None
@@ -239,15 +242,18 @@ class Scheduler:
         top_k: int = 5,
         on_text: Callable[[str], None] | None = None,
         sampling: TokenSampling = GREEDY,
+        evidence: EvidenceConfig | None = None,
         deadline: float | None = None,
     ) -> Request:
         """Answer `question` from `artifact` as `answer_from_artifact` does, decoding in the shared batch;
-        `result()` gives the `CachedAnswer` (its timings add "queue": seconds before admission)."""
+        `result()` gives the `CachedAnswer` (its timings add "queue": seconds before admission). `evidence`:
+        which attention makes its evidence (default: the checkpoint's)."""
         prompt, history_turns = build_followup(self.loaded.tokenizer, question, history, max_history_tokens)
         request = Request(self._wake.set, deadline)
         self._submit(
-            _Answer(request, artifact, prompt, history_turns, max_new_tokens, top_k, on_text, sampling)
-        )
+            _Answer(request, artifact, prompt, history_turns, max_new_tokens, top_k, on_text, sampling,
+                    evidence or self.loaded.evidence)
+        )  # fmt: skip
         return request
 
     def close(self) -> None:
@@ -409,7 +415,8 @@ class Scheduler:
         their caches."""
         admitted = time.monotonic()
         cache, prefills = prefill_questions(
-            self.loaded, [(a.artifact, a.prompt, a.history_turns, a.max_new_tokens) for a in answers]
+            self.loaded,
+            [Question(a.artifact, a.prompt, a.history_turns, a.max_new_tokens, a.evidence) for a in answers],
         )
         prefilled = time.monotonic()
         self.prefills += 1

@@ -6,7 +6,14 @@ import pytest
 
 from service.contract import Settings
 from worker.engine.adaretake import PRESETS, CompressionConfig
-from worker.engine.checkpoint_settings import SETTINGS_FILE, read_checkpoint_settings, with_settings
+from worker.engine.checkpoint_settings import (
+    SETTINGS_FILE,
+    evidence_config,
+    read_checkpoint_settings,
+    with_settings,
+    write_evidence,
+)
+from worker.engine.evidence import EvidenceConfig
 from worker.serving.runtime import compression_config
 from worker.tools.cli import _compression_config, build_parser
 
@@ -38,6 +45,8 @@ def test_no_file_or_a_hub_id_carries_nothing(tmp_path):
         ("[1, 2]", "JSON object"),
         ('{"fsp": 2}', "unknown settings: fsp"),
         ('{"sampling": {"fps": 2, "width": 3}}', "unknown settings: sampling.width"),
+        ('{"evidence": {"heads": [[0, 1]], "layers": [2]}}', "unknown evidence settings: layers"),
+        ('{"evidence": {"aggregate": "mean"}}', "evidence aggregate must be one of"),
     ],
 )
 def test_a_bad_file_is_a_clear_error(tmp_path, content, message):
@@ -69,3 +78,13 @@ def test_the_worker_uses_the_checkpoint_unless_a_preset_is_set(checkpoint, monke
     assert compression_config(Settings(model=str(checkpoint), preset="tiny")) == PRESETS["tiny"]
     monkeypatch.setenv("VIDEOQA_PRESET", "paper-7b")
     assert compression_config(Settings(model=str(checkpoint))) == PRESETS["paper-7b"]
+
+
+def test_evidence_heads_carry_without_touching_the_compression(checkpoint):
+    evidence = {"heads": [[3, 1], [0, 2]], "calibration": {"seed": 4}}
+    path = write_evidence(checkpoint, evidence)
+    settings = read_checkpoint_settings(checkpoint)
+    assert json.loads(path.read_text()) == {**CARRIED, "evidence": evidence}
+    assert evidence_config(settings) == EvidenceConfig(heads=((3, 1), (0, 2)))
+    assert with_settings(CompressionConfig(), settings) == with_settings(CompressionConfig(), CARRIED)
+    assert evidence_config({}) == EvidenceConfig()  # uncalibrated: every head of the question's prefill

