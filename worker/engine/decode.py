@@ -45,7 +45,7 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -266,6 +266,7 @@ def sample_frames(
     *,
     threads: int = 0,
     strategy: Strategy | None = None,
+    times: Sequence[float] | None = None,
 ) -> "SampledVideo":
     """Decode a video and yield, for each time in `sample_times`, a frame within half an interval of it.
 
@@ -282,6 +283,9 @@ def sample_frames(
             one pass on one thread.
         strategy (Strategy | None): force one decoding strategy; None picks the cheapest for this video
             (`choose_strategy`).
+        times (Sequence[float] | None): sample these seconds (ascending; those past the end are dropped)
+            instead of every `1 / fps`, e.g. windows around a few moments. Where the container can seek,
+            decoding then seeks to each window (`seek`) and reads nothing between them.
 
     Returns:
         SampledVideo: an iterator of `SampledFrame` (RGB `[out_height, out_width, 3]` images in display
@@ -294,7 +298,7 @@ def sample_frames(
     """
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
-    return SampledVideo(path, sampling, threads=threads, strategy=strategy)
+    return SampledVideo(path, sampling, threads=threads, strategy=strategy, times=times)
 
 
 @dataclass(frozen=True)
@@ -358,7 +362,9 @@ def choose_strategy(structure: StreamStructure, interval: float) -> Strategy:
     return "nonref" if nonref else "all"
 
 
-def probe_structure(path: str | os.PathLike, interval: float, duration: float) -> StreamStructure:
+def probe_structure(
+    path: str | os.PathLike, interval: float, duration: float, frames_probe: bool = True
+) -> StreamStructure:
     """Measure what `choose_strategy` needs: keyframe gaps from packets alone (at the start and, where
     the container can seek, a third and two thirds in), and, unless keyframes already decide or the
     stream has no B-frames, what skipping B-frames (where that is exact) or else non-reference frames
@@ -368,6 +374,8 @@ def probe_structure(path: str | os.PathLike, interval: float, duration: float) -
         path (str | os.PathLike): the video file (opened anew: a caller's position is left alone).
         interval (float): seconds between sample targets: keyframe gaps are measured up to two of them.
         duration (float): the video stream's length in seconds.
+        frames_probe (bool): whether to decode the first seconds to weigh skipping frames (False: the
+            keyframe gaps only, packets without decoding).
     """
     with _open(path) as container:
         stream = _video_stream(container, path)
@@ -381,7 +389,7 @@ def probe_structure(path: str | os.PathLike, interval: float, duration: float) -
                 container.seek(start + round(point * duration / time_base), stream=stream)
             gaps.append(_keyframe_gap(container, stream, window=2 * interval))
     structure = StreamStructure(keyframe_interval=max(gaps), seekable=seekable)
-    if structure.keyframe_interval <= interval / 2 or not droppable:
+    if structure.keyframe_interval <= interval / 2 or not droppable or not frames_probe:
         return structure
     full = _skip_probe(path, "DEFAULT")
     # Skipping every B-frame is exact when no other frame refers to one (x264's B-pyramid keeps its
@@ -533,8 +541,11 @@ class SampledVideo(Iterator[SampledFrame]):
         decoded_frames (int): good frames the decoder gave, once the iterator is exhausted.
     """
 
-    def __init__(self, path, sampling: SamplingConfig, *, threads: int, strategy: Strategy | None) -> None:
+    def __init__(
+        self, path, sampling: SamplingConfig, *, threads: int, strategy: Strategy | None, times=None
+    ) -> None:
         self.path = path
+        self.times = None if times is None else sorted(times)
         self.sampling = sampling
         self.threads = threads
         self.strategy = strategy
@@ -565,10 +576,16 @@ class SampledVideo(Iterator[SampledFrame]):
         with _open(path) as container, contextlib.ExitStack() as stack:
             stream = _video_stream(container, path)
             duration = _duration(stream, path)
-            targets = sample_times(duration, sampling)
+            if self.times is None:
+                targets = sample_times(duration, sampling)
+            else:
+                targets = [t for t in self.times if 0 <= t <= duration] or [min(self.times[0], duration)]
             interval = targets[1] - targets[0] if len(targets) > 1 else duration
             tolerance = interval / 2
-            structure = probe_structure(path, interval, duration)
+            chosen = self.times is not None  # a few windows: never decode what lies between them
+            structure = probe_structure(path, interval, duration, frames_probe=not chosen)
+            if chosen and structure.seekable:
+                self.strategy = self.strategy or "seek"
             self.strategy = self.strategy or choose_strategy(structure, interval)
             decoders = self.threads or _cores()
             if decoders > 1 and self.strategy in ("all", "nonref") and structure.seekable:

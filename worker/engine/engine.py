@@ -352,6 +352,7 @@ class CachedAnswer:
             "evidence" (measuring where the question looked, once the answer is complete).
         prompt_ids (list[int]): the tokens prefilled after the cached video (history, question, header).
         history_turns (int): earlier exchanges of the conversation that fit into `prompt_ids`.
+        focus (dict): for a focused answer (`worker.engine.focus`), what was re-read; else None.
     """
 
     text: str
@@ -361,6 +362,7 @@ class CachedAnswer:
     timeline: list[tuple[float, float]] = field(default_factory=list)
     top_moments: list[tuple[float, float]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    focus: dict | None = None
 
 
 def cache_from_artifact(loaded: LoadedModel, artifact: CompressedKV, extra_tokens: int = 0) -> Cache:
