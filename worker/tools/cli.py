@@ -10,7 +10,7 @@ from pathlib import Path
 from worker.engine.config import SamplingConfig, default_cache_dir
 from worker.tools.shapes import SHAPES, reduced
 
-MODES = ("cached", "question_guided", "uncompressed")
+MODES = ("cached", "question_guided", "focused", "uncompressed")
 
 
 def _say(text: str) -> None:
@@ -98,7 +98,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         if args.mode == "uncompressed":
             return _ask_uncompressed(_load(args), args)
         return _ask_compressed(_load(args), args)
-    except VideoDecodeError as error:
+    except (VideoDecodeError, FileNotFoundError) as error:
         _say(f"videoqa: {error}")
         return 2
 
@@ -107,8 +107,17 @@ def _print_text(text: str) -> None:
     print(text, end="", flush=True)
 
 
+def _focus_config(args: argparse.Namespace):
+    from worker.engine.focus import FocusConfig
+
+    given = {"moments": args.focus_moments, "window": args.focus_window, "fps": args.focus_fps,
+             "long_side": args.focus_long_side}  # fmt: skip
+    return FocusConfig(**{name: value for name, value in given.items() if value is not None})
+
+
 def _ask_compressed(loaded, args: argparse.Namespace) -> int:
     from worker.engine.engine import answer_from_artifact, compress_for_question
+    from worker.engine.focus import answer_focused
     from worker.engine.storage import DiskStore
 
     if args.mode == "question_guided":  # compressed for this question, from the index's vision features
@@ -123,12 +132,26 @@ def _ask_compressed(loaded, args: argparse.Namespace) -> int:
         result = _index(loaded, args)
         artifact = result.artifact
         video_seconds = {} if result.hit else result.seconds
-    answer = answer_from_artifact(
-        loaded, artifact, args.question, max_new_tokens=args.max_new_tokens, on_text=_print_text
-    )
+
+    def ask(artifact, max_new_tokens: int):
+        return answer_from_artifact(
+            loaded, artifact, args.question, max_new_tokens=max_new_tokens, on_text=_print_text
+        )
+
+    if args.mode == "focused":
+        config = _compression_config(args)
+        answer = answer_focused(loaded, artifact, args.video, ask, config=_focus_config(args),
+                                sampling=config.sampling, max_new_tokens=args.max_new_tokens)  # fmt: skip
+    else:
+        answer = ask(artifact, args.max_new_tokens)
     print()
     moments = ", ".join(f"{_mmss(t)} ({share:.0%})" for t, share in answer.top_moments)
     print(f"evidence: {moments}")
+    if answer.focus is not None:
+        windows = ", ".join(f"{_mmss(start)}-{_mmss(end)}" for start, end in answer.focus["windows"])
+        width, height = answer.focus["frame_size"]
+        print(f"re-read: {windows} ({answer.focus['frames']} frames at {answer.focus['fps']:g} fps, "
+              f"{width}x{height}; {answer.focus['decoded_frames']} decoded)")  # fmt: skip
     print(
         # Milliseconds: with a tiny model a stage that ran can take under 5 ms.
         f"timings: decode {video_seconds.get('decode', 0):.3f}s"
@@ -265,17 +288,44 @@ def _cmd_train_needle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate_evidence(args: argparse.Namespace) -> int:
+    from worker.engine.checkpoint_settings import write_evidence
+    from worker.needle.calibrate import CalibrationConfig, calibrate
+    from worker.needle.videos import FRAME_SIZE
+    from worker.tools.plan import Workload, plan, shape_from_config
+
+    calibration = CalibrationConfig(videos=args.videos, seed=args.seed, shares=tuple(args.shares))
+    config = _compression_config(args)
+    work = Workload(duration=calibration.seconds, width=FRAME_SIZE, height=FRAME_SIZE,
+                    sampling=config.sampling, chunk_frames=config.chunk_frames)  # fmt: skip
+    flops = plan(shape_from_config(args.model), work).flops
+    total = calibration.videos * (flops["vision"] + len(calibration.shares) * flops["prefill"])
+    _say(f"{calibration.videos} needle videos x {len(calibration.shares)} budgets: about {total / 1e12:.1f} "
+         "TFLOP (vision and prefill, by videoqa plan's model)")  # fmt: skip
+    loaded = _load(args)
+    result = calibrate(loaded, config, calibration, on_video=lambda done: _say(f"video {done}/{args.videos}"))
+    heads = ", ".join(f"{layer}.{head}" for layer, head in result.heads)
+    print(f"heads (layer.head): {heads}")
+    for name, value in result.grounded.items():
+        print(f"top moment within 1 s of the needle, {name}: {value:.1%} of {result.cases} cases")
+    if args.dry_run:
+        return 0
+    print(f"written to {write_evidence(args.model, result.settings())}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from worker.tools.serve import serve
 
     return serve(args.host, args.port, args.model, args.data_dir, workers=args.workers)
 
 
-def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_engine_arguments(parser: argparse.ArgumentParser, video: bool = True) -> None:
     from worker.engine.adaretake import LAYER_ALLOCATIONS, TEMPORAL_ALLOCATIONS, CompressionConfig
     from worker.engine.models import DEFAULT_MODEL_ID
 
-    parser.add_argument("video", help="path to a video file")
+    if video:
+        parser.add_argument("video", help="path to a video file")
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="checkpoint path or model id (%(default)s)")
     parser.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)"
@@ -395,6 +445,8 @@ def build_parser(engine_commands: bool = True) -> argparse.ArgumentParser:
 
 def _add_engine_commands(commands) -> None:
     from worker.engine.adaretake import TEMPORAL_ALLOCATIONS
+    from worker.engine.focus import FocusConfig
+    from worker.needle.calibrate import CalibrationConfig
     from worker.tools.plan import Workload
 
     planner = commands.add_parser(
@@ -434,10 +486,33 @@ def _add_engine_commands(commands) -> None:
         choices=MODES,
         default="cached",
         help="cached: generic guide prompt, compressed once and reused (default); question_guided: "
-        "compressed with the question as the guide; uncompressed: every video token",
+        "compressed with the question as the guide; focused: from the cache, then again after re-reading "
+        "the video around the top evidence moments; uncompressed: every video token",
     )
     ask.add_argument("--max-new-tokens", type=int, default=128)
+    focus = FocusConfig()
+    ask.add_argument("--focus-moments", type=int, help=f"focused: moments re-read ({focus.moments})")
+    ask.add_argument("--focus-window", type=float, help=f"focused: seconds around each ({focus.window:g})")
+    ask.add_argument("--focus-fps", type=float, help=f"focused: frames per second re-read ({focus.fps:g})")
+    ask.add_argument(
+        "--focus-long-side", type=int, help="focused: longest side of a re-read frame (default: --long-side)"
+    )
     ask.set_defaults(run=_cmd_ask)
+
+    calibrate = commands.add_parser(
+        "calibrate-evidence",
+        help="choose the attention heads that point at the asked moment (once per checkpoint)",
+        description="Runs generated needle videos through the model at each budget, ranks every (layer, "
+        "head) by how often its top frame is the needle's, and writes the best set into the checkpoint's "
+        "videoqa.json, which the CLI and the worker then use for every answer's evidence.",
+    )
+    _add_engine_arguments(calibrate, video=False)
+    calibrate.add_argument("--videos", type=int, default=CalibrationConfig().videos)
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--shares", type=float, nargs="+", default=list(CalibrationConfig().shares),
+                           help="video-token budgets to calibrate at (1.0: uncompressed)")  # fmt: skip
+    calibrate.add_argument("--dry-run", action="store_true", help="print the choice, write nothing")
+    calibrate.set_defaults(run=_cmd_calibrate_evidence)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,6 +77,14 @@ def test_question_guided_after_index_skips_decode_and_vision(run):
     assert seconds["decode"] == seconds["vision"] == 0 and seconds["video prefill"] > 0
 
 
+def test_focused_rereads_around_the_evidence(run):
+    focused = ("--mode", "focused", "--focus-window", "1")
+    code, out, _ = run("ask", VIDEO, "What happens?", "--max-new-tokens", "2", *focused)
+    assert code == 0 and "mode focused" in out
+    reread = next(line for line in out.splitlines() if line.startswith("re-read: "))
+    assert "at 2 fps" in reread and "decoded" in reread
+
+
 @pytest.mark.parametrize("mode", ["question_guided", "uncompressed"])
 def test_other_modes_answer(run, mode):
     code, out, _ = run("ask", VIDEO, "What happens?", "--max-new-tokens", "3", "--mode", mode)
