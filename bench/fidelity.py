@@ -37,7 +37,6 @@ from baselines import KEEP_ALL, evict_randomly, kept_video_tokens, subsampled
 from common import BUILD, ROOT, write_section
 
 from worker.engine.adaretake import CompressionConfig
-from worker.engine.evidence import EvidenceScratch
 from worker.engine.artifact import CompressedKV
 from worker.engine.checkpoint_settings import read_checkpoint_settings, with_settings
 from worker.engine.config import SamplingConfig
@@ -47,6 +46,7 @@ from worker.engine.engine import (
     compress_video,
     use_adaretake_attention,
 )
+from worker.engine.evidence import EvidenceScratch
 from worker.engine.generate import embed_tokens
 from worker.engine.models import LoadedModel, load_model
 from worker.engine.prompt import build_prompt
