@@ -60,6 +60,7 @@ STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 class AskMode(StrEnum):
     CACHED = "cached"  # the video's compressed cache, built once with a generic guide prompt
     QUESTION_GUIDED = "question_guided"  # compressed anew with the question as the guide (slower)
+    FOCUSED = "focused"  # from the cache, then again after re-reading the video around its top moments
 
 
 class CacheTier(StrEnum):
@@ -225,6 +226,12 @@ class Settings(BaseSettings):
     scheduler_max_admit: int = Field(default=8, ge=1)
     scheduler_index_share: float = Field(default=0.5, gt=0, le=1)
     scheduler_cache_bytes: int = Field(default=4 * 1024**3, gt=0)
+    # Focused answers (worker/engine/focus.py): the top evidence moments re-read, the seconds re-read around
+    # each, at what frame rate, and the longest side of a re-read frame (0: the compression's).
+    focus_moments: int = Field(default=2, ge=1)
+    focus_window_seconds: float = Field(default=2.0, gt=0)
+    focus_fps: float = Field(default=2.0, gt=0)
+    focus_long_side: int = Field(default=0, ge=0)
     # Routing asks across workers (service/routing.py): "affinity" sends a follow-up to a worker whose memory
     # tier holds its video, else to the one rendezvous hashing picks, unless that worker's backlog exceeds the
     # least loaded one's by more than `routing_guard_tasks` and `routing_guard_ratio` times; "shared" puts

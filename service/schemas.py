@@ -158,15 +158,28 @@ class VideoFromURL(BaseModel):
     callback_url: CallbackURL = None
 
 
+class Reread(BaseModel):
+    """What a focused answer re-read of the video, beside its compressed cache."""
+
+    windows: list[list[float]] = Field(description="[[start, end], ...] seconds re-read, in time order.")
+    moments: list[list[float]] = Field(description="[[seconds, share], ...]: the first pass's top moments.")
+    frames: int = Field(description="Frames re-read and encoded.")
+    decoded_frames: int = Field(description="Frames the decoder produced to get them.")
+    fps: float
+    frame_size: list[int] = Field(description="[width, height] of a re-read frame.")
+    tokens: int = Field(description="Tokens prefilled after the cached video: the clips and their times.")
+
+
 class CacheInfo(BaseModel):
     hit: bool | None = Field(description="Whether the compressed cache was reused.")
     tier: CacheTier | None
     reason: str | None = Field(description="Why it was or was not a hit.")
+    reread: Reread | None = Field(default=None, description="mode=focused: what was re-read of the video.")
 
 
 class Moment(BaseModel):
     seconds: float
-    share: float = Field(description="Share of the answer's attention on the video spent on this frame.")
+    share: float = Field(description="This frame's share of the evidence (where the question looked).")
     frame: int = Field(description="Index of the sampled frame (in `timeline`).")
     thumbnail: str = Field(description="The frame's thumbnail (GET; Bearer key or ?token=).")
 
@@ -242,7 +255,7 @@ class JobPublic(BaseModel):
         cache = None
         if record.get("cache_hit") is not None or record.get("cache_tier") is not None:
             cache = CacheInfo(hit=record.get("cache_hit"), tier=record.get("cache_tier"),
-                              reason=record.get("cache_reason"))  # fmt: skip
+                              reason=record.get("cache_reason"), reread=record.get("focus"))  # fmt: skip
         evidence = None
         if record.get("timeline") is not None or record.get("top_moments") is not None:
             evidence = Evidence.from_record(record)

@@ -331,30 +331,39 @@ $("question-input").addEventListener("keydown", (event) => {
 $("ask-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const question = $("question-input").value.trim();
-  const videoId = state.selected;
-  if (!question || !videoId) return;
-  clearError();
+  if (!question || !state.selected) return;
   $("ask-button").disabled = true;
   try {
-    const job = await api("/ask", {
-      method: "POST",
-      body: { video_id: videoId, question, conversation_id: state.conversation ?? undefined },
-    });
-    $("question-input").value = "";
-    state.conversation = job.conversation_id;
-    const turn = showTurn(job);
-    const done = await follow(job, (e) => { if (e.kind === "token") turn.append(e.data.text); });
-    if (state.selected === videoId) turn.finish(done);
-  } catch (error) {
-    showError(error);
+    if (await ask(question)) $("question-input").value = "";
   } finally {
     $("ask-button").disabled = false;
   }
 });
 
+// Ask about the selected video in its conversation; the answer streams into a new turn. Whether it was asked.
+async function ask(question, mode = "cached") {
+  const videoId = state.selected;
+  clearError();
+  try {
+    const job = await api("/ask", {
+      method: "POST",
+      body: { video_id: videoId, question, mode, conversation_id: state.conversation ?? undefined },
+    });
+    state.conversation = job.conversation_id;
+    const turn = showTurn(job);
+    const done = await follow(job, (e) => { if (e.kind === "token") turn.append(e.data.text); });
+    if (state.selected === videoId) turn.finish(done);
+    return true;
+  } catch (error) {
+    showError(error);
+    return false;
+  }
+}
+
 function showTurn(job) {
   const item = $("turn").content.firstElementChild.cloneNode(true);
-  item.querySelector(".question").textContent = job.question;
+  const question = item.querySelector(".question");
+  question.textContent = job.mode === "focused" ? `Look closer: ${job.question}` : job.question;
   const answer = item.querySelector(".answer");
   $("turns").append(item);
   return {
@@ -375,6 +384,13 @@ function showTurn(job) {
         drawEvidence();
       }
       showCacheFacts(item.querySelector(".cache"), done);
+      // A closer look: the same question again, the video re-read around this answer's top moments.
+      const closer = item.querySelector(".look-closer");
+      closer.hidden = done.status !== "succeeded" || done.mode === "focused";
+      closer.onclick = async () => {
+        closer.disabled = true;
+        try { await ask(done.question, "focused"); } finally { closer.disabled = false; }
+      };
     },
   };
 }
@@ -406,6 +422,13 @@ function showCacheFacts(list, job) {
   if (job.cache) {
     facts.push(["cache", `${job.cache.hit ? "hit" : "miss"} (${job.cache.reason ?? "?"})`]);
     facts.push(["tier", job.cache.tier ?? "none"]);
+  }
+  const reread = job.cache?.reread;
+  if (reread) {
+    const windows = reread.windows.map(([from, to]) => `${formatTime(from, true)}–${formatTime(to, true)}`);
+    const [width, height] = reread.frame_size;
+    const frames = `${reread.frames} frames at ${reread.fps} fps, ${width}×${height}`;
+    facts.push(["re-read", `${windows.join(", ")}: ${frames}`]);
   }
   if (video.tokens_before != null) facts.push(["tokens", `${video.tokens_before} → ${video.tokens_after}`]);
   if (video.artifact_bytes != null) facts.push(["artifact", formatBytes(video.artifact_bytes)]);

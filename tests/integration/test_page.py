@@ -1,6 +1,6 @@
 """The web page in real Chromium (Debian's, driven by Playwright) against `videoqa serve` with a tiny model
 and API keys: key prompt, upload with progress and cancel, indexing, streamed answers, evidence, moments
-that seek the player, a follow-up, the history after a reload, tenants, failures, delete.
+that seek the player, a follow-up, a closer look, the history after a reload, tenants, failures, delete.
 
 VIDEOQA_SCREENSHOTS=docs saves the screenshots of the main states into docs/ (else into the test's tmp).
 """
@@ -177,11 +177,32 @@ def test_upload_index_ask_follow_up_reload_and_delete(served, page, screenshots,
         conversation = client.get(f"/conversations/{conversation['id']}").json()
     assert [turn["history_turns"] for turn in conversation["turns"]] == [0, 1]
 
+    # Look closer at the first answer: the same question, answered again after re-reading the video around
+    # its top moments; the new turn's cache facts say what was re-read.
+    expect(by_id(page, "look-closer").nth(0)).to_be_visible()
+    by_id(page, "look-closer").nth(0).click()
+    expect(by_id(page, "answer")).to_have_count(3)
+    expect(by_id(page, "answer").nth(2)).to_have_attribute("data-done", "true")
+    expect(page.locator(".turn .question").nth(2)).to_have_text(f"Look closer: {first_job['question']}")
+    expect(by_id(page, "look-closer").nth(2)).to_be_hidden()  # a closer look is not looked at again
+    with api(served, KEY_A) as client:
+        conversation = client.get(f"/conversations/{conversation['id']}").json()
+    closer = conversation["turns"][2]
+    assert (closer["mode"], closer["status"], closer["question"]) == (
+        "focused",
+        "succeeded",
+        first_job["question"],
+    )
+    reread = closer["cache"]["reread"]
+    assert reread["windows"] and reread["frames"] >= 2 and len(reread["moments"]) == 2
+    expect(by_id(page, "cache-facts").nth(2)).to_contain_text("re-read")
+    expect(by_id(page, "cache-facts").nth(2)).to_contain_text(f"{reread['frames']} frames")
+
     # Reload: the key is still there (this tab's sessionStorage) and so is the conversation.
     page.reload()
     item = by_id(page, "video-item").filter(has_text=BUNNY.name)
     item.locator(".select").click()
-    expect(by_id(page, "answer")).to_have_count(2)
+    expect(by_id(page, "answer")).to_have_count(3)
     expect(by_id(page, "answer").nth(1)).to_have_text(conversation["turns"][1]["answer"] or "")
 
     # Another tenant's video is never listed.

@@ -41,7 +41,7 @@ def test_a_finished_job_carries_answer_cache_timings_and_evidence(client, job, r
     finish(records, job["id"]).join()
     done = client.get(f"/jobs/{job['id']}").json()
     assert done["status"] == "succeeded" and done["answer"] == "A rabbit." and done["token_count"] == 3
-    assert done["cache"] == {"hit": True, "tier": "memory", "reason": "artifact in memory"}
+    assert done["cache"] == {"hit": True, "tier": "memory", "reason": "artifact in memory", "reread": None}
     assert done["timings"] == {"decode_tokens": 0.3}
     assert done["evidence"] == {
         "timeline": [[0.0, 0.1], [0.5, 0.9]],

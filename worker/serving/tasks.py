@@ -46,6 +46,7 @@ from service.conversations import Conversations
 from worker.engine.artifact import CompressedKV
 from worker.engine.decode import VideoDecodeError
 from worker.engine.engine import IndexResult, artifact_key, compress_for_question, get_or_compress
+from worker.engine.focus import FocusConfig, answer_focused
 from worker.engine.scheduler import CacheBudgetExceeded, Cancelled, RequestTimeout
 from worker.engine.token_sampling import TokenSampling
 from worker.serving import runtime as worker_runtime
@@ -285,6 +286,10 @@ def _answer(
     records, job_id = rt.records, job["id"]
     question = job["question"]
     started = time.perf_counter()
+    focused = job.get("mode") == AskMode.FOCUSED
+    if focused and not video_path(rt, video).is_file():
+        message = "a focused answer re-reads the video, and the uploaded file is missing from the data volume"
+        raise UploadMissing(f"{video['filename']}: {message}")
     if job.get("mode") == AskMode.QUESTION_GUIDED:  # compressed for this question, from kept features
         artifact, reused = compress_for_question(
             rt.loaded,
@@ -312,16 +317,32 @@ def _answer(
     if job.get("conversation_id"):
         history = Conversations(records).history(job["conversation_id"], before_job_id=job_id)
     stream = recorder.token_stream()
-    reply = rt.scheduler.submit_answer(
-        artifact, question, max_new_tokens=job.get("max_new_tokens") or 128, on_text=stream, history=history,
-        max_history_tokens=rt.settings.conversation_history_tokens, sampling=token_sampling(job),
-        deadline=deadline,
-    ).result()  # fmt: skip
+    max_new_tokens = job.get("max_new_tokens") or 128
+
+    def ask(artifact: CompressedKV, tokens: int):
+        return rt.scheduler.submit_answer(
+            artifact, question, max_new_tokens=tokens, on_text=stream, history=history,
+            max_history_tokens=rt.settings.conversation_history_tokens, sampling=token_sampling(job),
+            deadline=deadline,
+        ).result()  # fmt: skip
+
+    # Focused: the cache's evidence, then the video re-read around it (decoded here, the model's work on the
+    # scheduler, as the question-guided compression's).
+    if focused:
+        reply = answer_focused(
+            rt.loaded, artifact, video_path(rt, video), ask, config=focus_config(rt.settings),
+            sampling=rt.config.sampling, max_new_tokens=max_new_tokens,
+            run=functools.partial(rt.scheduler.run, deadline=deadline),
+        )  # fmt: skip
+        cache["focus"] = reply.focus
+    else:
+        reply = ask(artifact, max_new_tokens)
     stream.flush()
     timings |= {
         "question_prefill": reply.timings["prefill"],
         "generate": reply.timings["generate"],
         "evidence": reply.timings["evidence"],
+        **{stage: value for stage, value in reply.timings.items() if stage.startswith("focus_")},
         "total": time.perf_counter() - started,
     }
     _check(lease)
@@ -341,6 +362,12 @@ def token_sampling(job: dict) -> TokenSampling:
     """The answer job's sampling parameters (a /v1 chat may set them; absent: greedy, no stop strings)."""
     return TokenSampling(temperature=job.get("temperature") or 0.0, top_p=job.get("top_p") or 1.0,
                          seed=job.get("seed"), stop=tuple(job.get("stop") or ()))  # fmt: skip
+
+
+def focus_config(settings: Settings) -> FocusConfig:
+    """How a focused answer re-reads the video (VIDEOQA_FOCUS_*)."""
+    return FocusConfig(moments=settings.focus_moments, window=settings.focus_window_seconds,
+                       fps=settings.focus_fps, long_side=settings.focus_long_side)  # fmt: skip
 
 
 def prompt_usage(artifact: CompressedKV, prompt_ids: list[int], cache_hit: bool) -> dict[str, int]:

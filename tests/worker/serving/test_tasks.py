@@ -187,6 +187,40 @@ def test_question_guided_compresses_for_the_question_and_caches_nothing(rt):
     assert sorted(rt.settings.artifacts_dir.rglob("*.safetensors")) == stored  # nothing more cached
 
 
+def test_a_focused_answer_rereads_the_video_through_the_scheduler_and_leaves_the_artifact(rt, settings):
+    video = upload(rt, BUNNY)
+    index_video_job(rt, video["id"])
+    key = rt.records.get_video(video["id"])["artifact_key"]
+    stored = (settings.artifacts_dir / f"{key}.safetensors").read_bytes()
+    steps_before = rt.scheduler.steps
+
+    job_id = ask(rt, video["id"], mode="focused")
+    answer_job(rt, job_id)
+    job = rt.records.get_job(job_id)
+    assert job["status"] == "succeeded", job
+    assert (job["cache_hit"], job["cache_reason"]) == (True, "hit:memory")
+    focus = job["focus"]
+    assert focus["frames"] >= 2 and 0 < focus["decoded_frames"] and focus["windows"]
+    assert len(focus["moments"]) == 2 and focus["fps"] == settings.focus_fps
+    assert job["timings"]["focus_vision"] > 0 and job["timings"]["focus_video_prefill"] > 0
+    assert job["token_count"] == 4 and rt.scheduler.steps > steps_before  # decoded in the shared batch
+    assert "".join(data["text"] for kind, data in events(rt, job_id) if kind == "token") == job["answer"]
+    assert sum(share for _, share in job["timeline"]) == pytest.approx(1, abs=1e-3)
+    assert (settings.artifacts_dir / f"{key}.safetensors").read_bytes() == stored
+    assert compressions(rt) == 1
+
+
+def test_a_focused_answer_about_a_video_whose_file_is_gone_says_so(rt):
+    video = upload(rt, BUNNY)
+    index_video_job(rt, video["id"])
+    Path(video["path"]).unlink()
+    job_id = ask(rt, video["id"], mode="focused")
+    answer_job(rt, job_id)
+    job = rt.records.get_job(job_id)
+    assert (job["status"], job["error_code"]) == ("failed", "upload_missing")
+    assert "focused answer re-reads the video" in job["error_message"] and "/" not in job["error_message"]
+
+
 def test_an_ask_during_indexing_waits_for_it_instead_of_compressing_again(rt, settings):
     """Another worker holds the build lease: the ask reports waiting_for_index, then reads the result."""
     from worker.engine.engine import artifact_key, get_or_compress
