@@ -9,6 +9,8 @@ and each question is answered
 - question-guided: compressed for that question, the question as the guide prompt (the paper's setting);
 - cached with each guide of `guides()`: compressed once per video with that guide, every question answered
   from the one cache (the product's mode);
+- focused (`worker.engine.focus`, default settings), at FOCUS_SHARES: the task guide's cache, re-read around
+  each question's top evidence moments;
 
 at every share of BUDGET_SHARES of the uncompressed video tokens, adakv + paper temporal allocation.
 
@@ -30,6 +32,7 @@ from worker.engine.adaretake import DEFAULT_GUIDE_PROMPT, CompressionConfig
 from worker.engine.artifact import CompressedKV
 from worker.engine.checkpoint_settings import read_checkpoint_settings
 from worker.engine.engine import answer_from_artifact, compress_video
+from worker.engine.focus import FocusConfig, answer_focused
 from worker.engine.models import LoadedModel, load_model
 from worker.engine.prompt import build_prompt
 from worker.engine.vision import encode_video
@@ -44,18 +47,21 @@ from worker.needle.videos import (
 )
 
 BUDGET_SHARES = (0.05, 0.10, 0.20)
+FOCUS_SHARES = (0.05, 0.10)
 SEED = 11  # eval videos: binding_spec(SEED * 1000 + index, split="eval"), disjoint from training by split
 ANSWER_TOKENS = 4
 LOSS_TO_EXPLAIN = 0.05  # a cached guide losing more than this against question-guided is looked into
 UNCOMPRESSED = "uncompressed"
 QUESTION_GUIDED = "question-guided"
+FOCUSED = "focused (task guide's cache, re-read)"
+TASK_GUIDE = "cached, task guide"
 MINIMAL_GUIDE = "Describe the video."
 
 
 def guides(folder: Path) -> dict[str, str]:
     """The cached modes' guide prompts: the checkpoint's own task, the product's default, a minimal one."""
     return {
-        "cached, task guide": read_checkpoint_settings(folder)["guide_prompt"],
+        TASK_GUIDE: read_checkpoint_settings(folder)["guide_prompt"],
         "cached, product default guide": DEFAULT_GUIDE_PROMPT,
         "cached, minimal guide": MINIMAL_GUIDE,
     }
@@ -120,7 +126,26 @@ def one_video(
                 loaded, path, dataclasses.replace(config, guide_prompt=guide), features=features
             )
             outcomes.update({(label, share, qa.kind): judge(cached, qa) for qa in qas})
+            if label == TASK_GUIDE and share in FOCUS_SHARES:
+                for qa in qas:  # what the cache kept of the asked shapes is the task guide's
+                    right = focused_right(loaded, cached, path, qa, base)
+                    outcomes[FOCUSED, share, qa.kind] = Outcome(
+                        right, outcomes[label, share, qa.kind].kept_asked
+                    )
     return outcomes
+
+
+def focused_right(
+    loaded: LoadedModel, cached: CompressedKV, path: Path, qa: QA, base: CompressionConfig
+) -> bool:
+    """Whether a focused answer from `cached` is right."""
+
+    def ask(artifact: CompressedKV, tokens: int):
+        return answer_from_artifact(loaded, artifact, qa.question, max_new_tokens=tokens)
+
+    answer = answer_focused(loaded, cached, path, ask, config=FocusConfig(), sampling=base.sampling,
+                            max_new_tokens=ANSWER_TOKENS)  # fmt: skip
+    return answer_matches(answer.text, qa.answer)
 
 
 def run_videos(job: tuple[Path, CompressionConfig, float, range]) -> list[dict]:
@@ -143,7 +168,11 @@ def run_videos(job: tuple[Path, CompressionConfig, float, range]) -> list[dict]:
 
 
 def methods(folder: Path) -> list[str]:
-    return [QUESTION_GUIDED, *guides(folder)]
+    return [QUESTION_GUIDED, *guides(folder), FOCUSED]
+
+
+def measured(method: str, share: float) -> bool:
+    return method != FOCUSED or share in FOCUS_SHARES
 
 
 def answers(rows: list[dict], method: str, share: float, kind: str) -> list[bool]:
@@ -160,8 +189,24 @@ def accuracy_table(rows: list[dict], folder: Path) -> list[str]:
             f"| {kind} | {UNCOMPRESSED} (every token) | " + " | ".join([full] * len(BUDGET_SHARES)) + " |"
         )
         for method in methods(folder):
-            cells = [pct(answers(rows, method, share, kind)) for share in BUDGET_SHARES]
+            cells = [
+                pct(answers(rows, method, s, kind)) if measured(method, s) else "-" for s in BUDGET_SHARES
+            ]
             lines.append(f"| {kind} | {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def focus_table(rows: list[dict]) -> list[str]:
+    """Focused minus uncompressed, paired over the same questions, per type and over all types."""
+    lines = ["| question | budget | uncompressed | focused | focused - uncompressed [95% CI] |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for kind in (*BINDING_KINDS, "all"):
+        kinds = BINDING_KINDS if kind == "all" else (kind,)
+        full = [right for k in kinds for right in answers(rows, UNCOMPRESSED, 1.0, k)]
+        for share in FOCUS_SHARES:
+            focus = [right for k in kinds for right in answers(rows, FOCUSED, share, k)]
+            diff, half = paired_difference(focus, full)
+            lines.append(f"| {kind} | {share:.0%} | {pct(full)} | {pct(focus)} | {signed(diff, half)} |")
     return lines
 
 
@@ -204,7 +249,7 @@ def evidence_table(rows: list[dict], folder: Path, share: float) -> list[str]:
     lines = [f"| question | method | {header} | right where every layer kept < {share:.0%} |",
              "|---|---|" + "---:|" * (num_layers + 1)]  # fmt: skip
     for kind in BINDING_KINDS:
-        for method in methods(folder):
+        for method in [m for m in methods(folder) if measured(m, share)]:
             outcomes = [r[method, share, kind] for r in rows]
             means = [
                 sum(o.kept_asked[layer] for o in outcomes) / len(outcomes) for layer in range(num_layers)
@@ -225,12 +270,8 @@ def plot_accuracy(ax, family: str, rows: list[dict], folder: Path) -> None:
         return sum(values) / len(values)
 
     for method in methods(folder):
-        ax.plot(
-            [100 * s for s in BUDGET_SHARES],
-            [mean(method, s) for s in BUDGET_SHARES],
-            marker="o",
-            label=method,
-        )
+        shares = [s for s in BUDGET_SHARES if measured(method, s)]
+        ax.plot([100 * s for s in shares], [mean(method, s) for s in shares], marker="o", label=method)
     ax.axhline(mean(UNCOMPRESSED, 1.0), color="black", linestyle="--", label=UNCOMPRESSED)
     ax.set(title=f"{family}: binding, all question types", xlabel="video budget (% of tokens)",
            ylabel="accuracy", xscale="log", ylim=(0, 1.02))  # fmt: skip

@@ -16,14 +16,23 @@ the uncompressed video tokens:
 - uniform frame subsampling to the same number of tokens.
 
 Grounding: for each answer, whether the evidence timeline's top moment lies within 1 second of the
-needle's visible interval.
+needle's visible interval, before and after the evidence was calibrated: "before" is the timeline answers
+had (the question's and the answer's attention, every head, summed over each frame's tokens:
+`evidence.LEGACY`); "after" is the question's prefill, per frame its most attended token, over the heads
+the checkpoint's `videoqa.json` names (`videoqa calibrate-evidence`), and "uncalibrated" the same over every
+head (what a checkpoint without a calibration gets).
+
+Focused (`worker.engine.focus`, default settings): the cached default's answer re-read around its top
+moments, at 5 and 10%; and the compute per answer (CPU seconds of this process, one torch thread) of a
+focused answer against a question-guided one (compression from the stored vision features, then the
+answer), both on the same videos in the same process.
 
 Binding (bench/binding.py): a shape among 1-3 others, asked every binding question type, uncompressed,
 question-guided and cached with three guide prompts, at 5, 10 and 20%: what compressing once costs where
 the guide does not name the answer. Its section also holds the checkpoints' held-out accuracy.
 
 Run: python bench/needle.py [--videos-per-depth 20] [--binding-videos 60] [--families qwen2_5_vl qwen2_vl]
-                            [--task both] [--processes 6]
+                            [--task both] [--processes 2]
      python bench/needle.py --smoke --task needle    # 2 needle videos, nothing written: the whole path
      python bench/needle.py --smoke --task binding   # 1 binding video, nothing written
 """
@@ -33,7 +42,9 @@ import dataclasses
 import datetime
 import json
 import multiprocessing
+import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -47,10 +58,13 @@ from proportions import paired_difference, pct, signed, wilson
 
 from worker.engine.adaretake import CompressionConfig
 from worker.engine.checkpoint_settings import read_checkpoint_settings, with_settings
-from worker.engine.engine import answer_from_artifact, compress_video
+from worker.engine.engine import Question, answer_from_artifact, compress_video, prefill_question
+from worker.engine.evidence import LEGACY, EvidenceConfig, evidence_timeline, top_moments
+from worker.engine.focus import FocusConfig, answer_focused
 from worker.engine.models import LoadedModel, load_model
 from worker.engine.prompt import build_prompt
 from worker.engine.vision import encode_video
+from worker.needle.calibrate import GROUNDING_SECONDS, grounded
 from worker.needle.train import RECORD_FILE, TrainConfig
 from worker.needle.videos import answer_matches, colour_question, random_spec, write_video
 
@@ -64,7 +78,7 @@ BUDGET_SHARES = (0.05, 0.10, 0.20, 0.40)
 SECONDS = 2 * TrainConfig().max_seconds  # twice the longest training video
 CHUNK_FRAMES = 16  # 8-second chunks: five per video, so the temporal allocation has chunks to weigh
 ANSWER_TOKENS = 4
-GROUNDING_SECONDS = 1.0
+FOCUS_SHARES = (0.05, 0.10)
 SEED = 7  # eval videos: random_spec(SEED * 1000 + ..., split="eval"), disjoint from training by split
 BINDING_JOB_VIDEOS = 5  # binding videos per pooled job
 
@@ -81,23 +95,32 @@ ENGINE_METHODS = (
 )
 RANDOM = "random eviction"
 SUBSAMPLE = "uniform frame subsampling"
-METHODS = (*(label for label, *_ in ENGINE_METHODS), RANDOM, SUBSAMPLE)
+FOCUSED = "focused (cached default, re-read)"
+METHODS = (*(label for label, *_ in ENGINE_METHODS), RANDOM, SUBSAMPLE, FOCUSED)
+# Grounding of an answer: before calibration, after, and after without a calibration (every head).
+BEFORE, AFTER, UNCALIBRATED = "grounded", "grounded_after", "grounded_uncalibrated"
 
 
 @dataclasses.dataclass
 class Outcome:
     right: bool
-    grounded: bool
+    grounded: bool  # before: the timeline answers had
     kept: float
+    grounded_after: bool = False
+    grounded_uncalibrated: bool = False
+    cpu_seconds: float = 0.0  # focused and question-guided at FOCUS_SHARES: the answer's compute
 
 
-def grounded(answer, needle) -> bool:
-    """The top moment lies within GROUNDING_SECONDS of the needle's visible interval."""
-    if not answer.top_moments:
-        return False
-    moment = answer.top_moments[0][0]
-    end = needle.start + needle.duration
-    return needle.start - GROUNDING_SECONDS <= moment <= end + GROUNDING_SECONDS
+def question_grounding(loaded: LoadedModel, artifact, question: str, needle) -> tuple[bool, bool]:
+    """Whether the question's prefill puts the top moment on the needle: over the checkpoint's evidence
+    heads, and over every head."""
+    prompt = build_prompt(loaded.tokenizer, question)
+    prefill = prefill_question(loaded, Question(artifact, prompt, max_new_tokens=0))
+    mass = prefill.evidence.video_mass()
+    return tuple(
+        grounded(top_moments(evidence_timeline(artifact, mass, prefill.text0, config), 1)[0][0], needle)
+        for config in (dataclasses.replace(loaded.evidence, source="question"), EvidenceConfig())
+    )
 
 
 def one_video(loaded: LoadedModel, base: CompressionConfig, path: Path, spec) -> dict:
@@ -106,9 +129,16 @@ def one_video(loaded: LoadedModel, base: CompressionConfig, path: Path, spec) ->
     text0 = len(build_prompt(loaded.tokenizer, "").text0_ids)
 
     def judge(artifact) -> Outcome:
-        answer = answer_from_artifact(loaded, artifact, qa.question, max_new_tokens=ANSWER_TOKENS)
+        answer = answer_from_artifact(
+            loaded, artifact, qa.question, max_new_tokens=ANSWER_TOKENS, evidence=LEGACY
+        )
         right = answer_matches(answer.text, qa.answer)
-        return Outcome(right, grounded(answer, spec.target), kept_video_tokens(artifact, text0))
+        before = grounded(answer.top_moments[0][0], spec.target)
+        after, uncalibrated = question_grounding(loaded, artifact, qa.question, spec.target)
+        return Outcome(right, before, kept_video_tokens(artifact, text0), after, uncalibrated)
+
+    def ask(artifact, tokens: int):
+        return answer_from_artifact(loaded, artifact, qa.question, max_new_tokens=tokens)
 
     features = encode_video(loaded, path, base.sampling)  # decoded and encoded once for every method
     full = compress_video(loaded, path, dataclasses.replace(base, budget=KEEP_ALL), features=features)
@@ -125,10 +155,25 @@ def one_video(loaded: LoadedModel, base: CompressionConfig, path: Path, spec) ->
                 temporal_allocation=temporal_allocation,
             )
             guide = qa.question if guided else None
+            started = time.process_time()
             artifact = compress_video(loaded, path, config, guide_question=guide, features=features)
+            compressed = time.process_time() - started
             outcomes[label, share] = judge(artifact)
             if label == QG:
                 counts = [n - text0 for n in artifact.lengths]
+                if share in FOCUS_SHARES:  # its compute per answer: the compression and a plain answer
+                    started = time.process_time()
+                    ask(artifact, ANSWER_TOKENS)
+                    outcomes[label, share].cpu_seconds = compressed + time.process_time() - started
+            if label == CACHED and share in FOCUS_SHARES:
+                started = time.process_time()
+                focused = answer_focused(loaded, artifact, path, ask, config=FocusConfig(),
+                                         sampling=base.sampling, max_new_tokens=ANSWER_TOKENS)  # fmt: skip
+                cpu = time.process_time() - started
+                right = answer_matches(focused.text, qa.answer)
+                on_needle = grounded(focused.top_moments[0][0], spec.target)  # both passes' evidence
+                kept = kept_video_tokens(artifact, text0)
+                outcomes[FOCUSED, share] = Outcome(right, on_needle, kept, on_needle, on_needle, cpu)
         generator = torch.Generator().manual_seed(hash((spec.target.start, share)) % (1 << 31))
         outcomes[RANDOM, share] = judge(evict_randomly(full, text0, counts, generator))
         outcomes[SUBSAMPLE, share] = judge(subsampled(loaded, path, base, video_budget, num_video // grid_t))
@@ -208,7 +253,66 @@ def accuracy_table(result: dict, key: str) -> list[str]:
     full = pct(table[UNCOMPRESSED, 1.0])
     lines.append(f"| {UNCOMPRESSED} (every token) | " + " | ".join([full] * len(BUDGET_SHARES)) + " |")
     for method in METHODS:
-        lines.append(f"| {method} | " + " | ".join(pct(table[method, s]) for s in BUDGET_SHARES) + " |")
+        row = [pct(table[method, s]) if (method, s) in table else "-" for s in BUDGET_SHARES]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return lines
+
+
+def markdown_row(*cells) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def grounding_summary(results: dict) -> list[str]:
+    """The cached default and uncompressed, before and after, and cached minus uncompressed after."""
+    lines = [
+        markdown_row("model", "budget", "uncompressed before", "cached before", "uncompressed after",
+                     "cached after", "cached after - uncompressed after [95% CI]"),
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for family, result in results.items():
+        before, after = cells(result, BEFORE), cells(result, AFTER)
+        for share in BUDGET_SHARES:
+            diff, half = paired_difference(after[CACHED, share], after[UNCOMPRESSED, 1.0])
+            lines.append(markdown_row(
+                family, f"{share:.0%}", pct(before[UNCOMPRESSED, 1.0]), pct(before[CACHED, share]),
+                pct(after[UNCOMPRESSED, 1.0]), pct(after[CACHED, share]), signed(diff, half),
+            ))  # fmt: skip
+    return lines
+
+
+def focus_table(results: dict) -> list[str]:
+    """Focused against uncompressed, question-guided and cached, and focused minus uncompressed, paired."""
+    lines = [
+        markdown_row("model", "budget", "uncompressed", "question-guided", "cached", "focused",
+                     "focused - uncompressed [95% CI]"),
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for family, result in results.items():
+        table = cells(result, "right")
+        for share in FOCUS_SHARES:
+            diff, half = paired_difference(table[FOCUSED, share], table[UNCOMPRESSED, 1.0])
+            lines.append(markdown_row(
+                family, f"{share:.0%}", pct(table[UNCOMPRESSED, 1.0]), pct(table[QG, share]),
+                pct(table[CACHED, share]), pct(table[FOCUSED, share]), signed(diff, half),
+            ))  # fmt: skip
+    return lines
+
+
+def compute_table(results: dict) -> list[str]:
+    """CPU seconds per answer of focused and question-guided, on the same videos in the same processes."""
+    lines = [
+        markdown_row("model", "budget", "question-guided ms (median)", "focused ms (median)",
+                     "focused / question-guided (means)"),
+        "|---|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for family, result in results.items():
+        seconds = cells(result, "cpu_seconds")
+        for share in FOCUS_SHARES:
+            guided, focused = seconds[QG, share], seconds[FOCUSED, share]
+            lines.append(markdown_row(
+                family, f"{share:.0%}", f"{1000 * statistics.median(guided):.1f}",
+                f"{1000 * statistics.median(focused):.1f}", f"{sum(focused) / sum(guided):.2f}",
+            ))  # fmt: skip
     return lines
 
 
@@ -287,10 +391,17 @@ def held_out_table(results: dict) -> list[str]:
     return lines
 
 
+def loaded_heads(result: dict) -> list:
+    return read_checkpoint_settings(result["folder"]).get("evidence", {}).get("heads", [])
+
+
 def run_line(seconds: float) -> str:
     command = " ".join(["python bench/needle.py", *sys.argv[1:]])
-    return (f"Run on {datetime.date.today().isoformat()} with `{command}` in {seconds / 60:.0f} min "
-            f"({platform.machine()}, CPU, fp32).")  # fmt: skip
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, fp32; load average 1/5/15 min at the end: {load}"
+    return (
+        f"Run on {datetime.date.today().isoformat()} with `{command}` in {seconds / 60:.0f} min ({machine})."
+    )
 
 
 def binding_section(results: dict, seconds: float) -> str:
@@ -331,6 +442,8 @@ def binding_section(results: dict, seconds: float) -> str:
         folder, rows = result["folder"], result["binding"]
         parts += [f"### {family}: binding accuracy", "", *binding.accuracy_table(rows, folder), ""]
         parts += [f"### {family}: cached minus question-guided", "", *binding.cost_table(rows, folder), ""]
+        parts += [f"### {family}: focused (the task guide's cache, re-read) against uncompressed", "",
+                  *binding.focus_table(rows), ""]  # fmt: skip
         share = binding.BUDGET_SHARES[0]
         parts += [f"### {family}: where the budget went at {share:.0%}", "",
                   "Per layer, the share of the video tokens kept in the temporal grids where the shapes the "
@@ -368,9 +481,38 @@ def section(results: dict, videos_per_depth: int, seconds: float) -> str:
     parts += ["### Against the baselines at 10%", "", *comparisons(results), ""]
     parts += ["### The cost of compressing once (cached generic guide vs question-guided)", "",
               *cost_table(results), ""]  # fmt: skip
+    heads = "; ".join(f"{family} {len(loaded_heads(result))} heads" for family, result in results.items())
+    parts += [
+        f"### Grounding before and after: the top moment within {GROUNDING_SECONDS:g} s of the needle",
+        "",
+        "Before: the question's and the answer's attention, every head, summed over each frame's tokens (the "
+        "timeline answers had). After: the question's prefill only, per frame its most attended token, over "
+        f"the heads `videoqa calibrate-evidence` chose for the checkpoint (its `videoqa.json`: {heads}). "
+        "Uncalibrated: the same over every head. Focused: both passes' timelines averaged.",
+        "",
+        *grounding_summary(results),
+        "",
+    ]
     for family, result in results.items():
-        title = f"### {family}: grounding (evidence top moment within {GROUNDING_SECONDS:g} s of the needle)"
-        parts += [title, "", *accuracy_table(result, "grounded"), ""]
+        for key, name in ((BEFORE, "before"), (AFTER, "after"), (UNCALIBRATED, "after, uncalibrated")):
+            title = f"### {family}: grounding {name}"
+            parts += [title, "", *accuracy_table(result, key), ""]
+    focus = FocusConfig()
+    parts += [
+        "### Focused answers (re-read around the top moments)",
+        "",
+        f"Defaults: {focus.moments} moments, {focus.window:g} s windows at {focus.fps:g} fps, the "
+        "compression's frame size; from the cached default's cache.",
+        "",
+        *focus_table(results),
+        "",
+        "Compute per answer, CPU seconds of the process (one torch thread): question-guided is the "
+        "compression from the stored vision features and the answer; focused is both passes and the windows' "
+        "decoding, vision and prefill.",
+        "",
+        *compute_table(results),
+        "",
+    ]
     for family, result in results.items():
         parts += [f"### {family}: cached default, accuracy by needle depth x budget", "",
                   *depth_table(result), ""]  # fmt: skip
@@ -424,7 +566,7 @@ def main() -> None:
                         help="which sections to run and write; the plot only with both")  # fmt: skip
     parser.add_argument("--videos-per-depth", type=int, default=20)
     parser.add_argument("--binding-videos", type=int, default=60, help="binding videos per model")
-    parser.add_argument("--processes", type=int, default=6, help="parallel worker processes")
+    parser.add_argument("--processes", type=int, default=2, help="parallel worker processes")
     parser.add_argument("--checkpoints", type=Path, default=CHECKPOINTS, help="folder of FAMILY checkpoints")
     parser.add_argument("--smoke", action="store_true", help="a video or two of one family; writes nothing")
     args = parser.parse_args()

@@ -19,6 +19,7 @@ METHODS = (
     "question-guided pyramid + paper",
     "random eviction",
     "uniform frame subsampling",
+    "focused (cached default, re-read)",
 )
 
 
@@ -28,6 +29,7 @@ BINDING_METHODS = (
     "cached, task guide",
     "cached, product default guide",
     "cached, minimal guide",
+    "focused (task guide's cache, re-read)",
 )
 
 
@@ -51,7 +53,8 @@ def smoke_rows(task: str) -> list[list[str]]:
 def test_smoke_run_covers_every_method_and_budget():
     rows = smoke_rows("needle")
     assert [row[0] for row in rows] == list(METHODS)
-    assert all(" ".join(row).count("%") >= 4 * 3 for row in rows)  # four budgets: a share and its interval
+    budgets = [4] * (len(METHODS) - 1) + [2]  # a share and its interval at each budget; focused at 5 and 10%
+    assert all(" ".join(row).count("%") >= 3 * n for row, n in zip(rows, budgets, strict=True))
 
 
 @pytest.mark.slow
@@ -61,4 +64,5 @@ def test_binding_smoke_run_covers_every_question_type_method_and_guide():
     assert [(row[0], row[1]) for row in rows] == [
         (kind, method) for kind in kinds for method in BINDING_METHODS
     ]
-    assert all(" ".join(row).count("%") >= 3 * 3 for row in rows)  # three budgets: a share and its interval
+    budgets = [2 if row[1].startswith("focused") else 3 for row in rows]  # focused at 5 and 10% only
+    assert all(" ".join(row).count("%") >= 3 * n for row, n in zip(rows, budgets, strict=True))
