@@ -4,7 +4,9 @@ A compressed cache keeps a few tokens of most frames: enough to find the moment,
 it well. A focused answer
 
 1. prefills the question after the compressed cache (no token is decoded): its evidence
-   (`worker.engine.evidence`) gives the top `FocusConfig.moments` moments;
+   (`worker.engine.evidence`) gives the top `FocusConfig.moments` moments, each at least a window from the
+   others (a temporal grid's two frames share one share: the second best frame is otherwise the best's
+   neighbour);
 2. re-reads the source video in a window around each (overlapping windows merged), at `FocusConfig.fps`
    and `FocusConfig.long_side`: only those frames are decoded (`sample_frames(times=...)`);
 3. encodes them and prefills them after the cached video, each as a clip of its own with its times stated
@@ -80,6 +82,20 @@ class Window:
     start: float
     end: float
     times: tuple[float, ...]
+
+
+def distinct_moments(
+    timeline: list[tuple[float, float]], count: int, spacing: float
+) -> list[tuple[float, float]]:
+    """The `count` highest-share (timestamp, share) of `timeline`, best first, each at least `spacing`
+    seconds from those before it."""
+    chosen: list[tuple[float, float]] = []
+    for t, share in top_moments(timeline, len(timeline)):
+        if len(chosen) == count:
+            break
+        if all(abs(t - other) >= spacing for other, _ in chosen):
+            chosen.append((t, share))
+    return chosen
 
 
 def focus_windows(moments: Sequence[float], duration: float, config: FocusConfig) -> list[Window]:
@@ -240,8 +256,9 @@ def answer_focused(
         raise FileNotFoundError(f"{video_path}: a focused answer re-reads the video, and its file is gone")
     first = ask(artifact, 0)
     duration = artifact.metadata.get("report", {}).get("duration") or artifact.timestamps[-1]
-    moments = [t for t, _ in first.top_moments[: config.moments]]
-    reread = read_windows(video_path, focus_windows(moments, duration, config), config.sampling(sampling))
+    moments = distinct_moments(first.timeline, config.moments, config.window)
+    windows = focus_windows([t for t, _ in moments], duration, config)
+    reread = read_windows(video_path, windows, config.sampling(sampling))
     focused = run(lambda relay: focus_steps(loaded, artifact, reread, config))
     second = ask(focused, max_new_tokens)
     timeline = [(t, (a + b) / 2) for (t, a), (_, b) in zip(first.timeline, second.timeline, strict=True)]
@@ -255,7 +272,7 @@ def answer_focused(
         "focus_video_prefill": seconds.get("prefill", 0.0),
     }
     facts = {name: value for name, value in focus.items() if name != "seconds"}
-    facts["moments"] = [[t, share] for t, share in first.top_moments[: config.moments]]
+    facts["moments"] = [[t, share] for t, share in moments]
     return dataclasses.replace(
         second,
         timeline=timeline,

@@ -8,7 +8,7 @@ from worker.engine.adaretake import CompressionConfig
 from worker.engine.config import SamplingConfig
 from worker.engine.decode import sample_frames
 from worker.engine.engine import answer_from_artifact, compress_video
-from worker.engine.focus import FocusConfig, answer_focused, focus_windows
+from worker.engine.focus import FocusConfig, answer_focused, distinct_moments, focus_windows
 from worker.engine.models import load_model
 from worker.engine.prompt import build_prompt
 
@@ -47,6 +47,12 @@ def test_windows_merge_and_hold_an_even_number_of_frames():
     assert [len(w.times) for w in windows] == [6, 4]
     end = focus_windows([19.9], duration=20.0, config=config)[0]
     assert end.end == 20.0 and max(end.times) <= 20.0 and len(end.times) % 2 == 0
+
+
+def test_moments_to_reread_are_a_window_apart():
+    timeline = [(0.0, 0.1), (0.5, 0.3), (1.0, 0.3), (1.5, 0.05), (6.0, 0.2), (6.5, 0.05)]
+    assert distinct_moments(timeline, 2, spacing=2.0) == [(0.5, 0.3), (6.0, 0.2)]
+    assert distinct_moments(timeline, 3, spacing=2.0) == [(0.5, 0.3), (6.0, 0.2)]  # no third one that far
 
 
 def test_sampling_chosen_times_decodes_only_around_them(video):
