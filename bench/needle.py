@@ -262,13 +262,15 @@ def markdown_row(*cells) -> str:
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
+def markdown_head(*names) -> list[str]:
+    """A table's header and alignment rows: the first column left, the others right."""
+    return [markdown_row(*names), "|---|" + "---:|" * (len(names) - 1)]
+
+
 def grounding_summary(results: dict) -> list[str]:
     """The cached default and uncompressed, before and after, and cached minus uncompressed after."""
-    lines = [
-        markdown_row("model", "budget", "uncompressed before", "cached before", "uncompressed after",
-                     "cached after", "cached after - uncompressed after [95% CI]"),
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
+    lines = markdown_head("model", "budget", "uncompressed before", "cached before", "uncompressed after",
+                          "cached after", "cached after - uncompressed after [95% CI]")  # fmt: skip
     for family, result in results.items():
         before, after = cells(result, BEFORE), cells(result, AFTER)
         for share in BUDGET_SHARES:
@@ -282,11 +284,8 @@ def grounding_summary(results: dict) -> list[str]:
 
 def focus_table(results: dict) -> list[str]:
     """Focused against uncompressed, question-guided and cached, and focused minus uncompressed, paired."""
-    lines = [
-        markdown_row("model", "budget", "uncompressed", "question-guided", "cached", "focused",
-                     "focused - uncompressed [95% CI]"),
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
+    lines = markdown_head("model", "budget", "uncompressed", "question-guided", "cached", "focused",
+                          "focused - uncompressed [95% CI]")  # fmt: skip
     for family, result in results.items():
         table = cells(result, "right")
         for share in FOCUS_SHARES:
@@ -300,11 +299,8 @@ def focus_table(results: dict) -> list[str]:
 
 def compute_table(results: dict) -> list[str]:
     """CPU seconds per answer of focused and question-guided, on the same videos in the same processes."""
-    lines = [
-        markdown_row("model", "budget", "question-guided ms (median)", "focused ms (median)",
-                     "focused / question-guided (means)"),
-        "|---|---:|---:|---:|---:|",
-    ]  # fmt: skip
+    lines = markdown_head("model", "budget", "question-guided ms (median)", "focused ms (median)",
+                          "focused / question-guided (means)")  # fmt: skip
     for family, result in results.items():
         seconds = cells(result, "cpu_seconds")
         for share in FOCUS_SHARES:
