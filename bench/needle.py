@@ -67,6 +67,8 @@ from worker.engine.vision import encode_video
 from worker.needle.calibrate import GROUNDING_SECONDS, grounded
 from worker.needle.train import RECORD_FILE, TrainConfig
 from worker.needle.videos import answer_matches, colour_question, random_spec, write_video
+from worker.tools.plan import Workload, plan, text_parameters
+from worker.tools.shapes import SHAPES
 
 SECTION = "## Needle QA and grounding, trained checkpoints (bench/needle.py)"
 BINDING_SECTION = "## Binding colour to shape, trained checkpoints (bench/needle.py)"
@@ -312,6 +314,24 @@ def compute_table(results: dict) -> list[str]:
     return lines
 
 
+def flop_model_line() -> str:
+    """Focused against question-guided at a real model's scale, by `videoqa plan`'s FLOP model: what each
+    adds to a cached answer (question-guided: the compressed prefill from stored features; focused: the
+    windows' vision and their prefill over the cached video)."""
+    shape, work, focus = SHAPES["7b"], Workload(duration=600.0), FocusConfig()
+    video = plan(shape, work)
+    sampling = dataclasses.replace(work.sampling, fps=focus.fps)
+    clip = plan(shape, Workload(duration=focus.window * focus.moments, sampling=sampling))
+    layer_params, _ = text_parameters(shape.text)
+    hidden, layers, tokens = shape.text["hidden_size"], shape.num_layers, clip.video_tokens
+    prefill = 2 * layer_params * tokens * layers + 4 * tokens * (video.kept_tokens + tokens) * hidden * layers
+    focused, guided = clip.flops["vision"] + prefill, video.flops["prefill"]
+    return (f"By `videoqa plan`'s FLOP model, {shape.model_id} on 10 min of 720p at the defaults: "
+            f"question-guided adds {guided / 1e12:.0f} TFLOP (the compressed prefill of {video.video_tokens} "
+            f"video tokens), focused {focused / 1e12:.1f} TFLOP ({clip.frames} frames, {tokens} tokens "
+            f"re-read): {focused / guided:.3f}x.")  # fmt: skip
+
+
 def cost_table(results: dict) -> list[str]:
     lines = ["| model | budget | question-guided | cached (generic guide) | cached - guided [95% CI] |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
@@ -507,6 +527,8 @@ def section(results: dict, videos_per_depth: int, seconds: float) -> str:
         "decoding, vision and prefill.",
         "",
         *compute_table(results),
+        "",
+        flop_model_line(),
         "",
     ]
     for family, result in results.items():
