@@ -82,25 +82,29 @@ LEGACY = EvidenceConfig(source="answer", aggregate="sum")
 
 @dataclass
 class EvidenceScratch:
-    """Collects, per layer, the queries of the question (and, with `answer_tokens`, of every answer token)
-    and the keys they attended to.
+    """Collects, per layer, the queries of the question and answer tokens and the keys they attended to,
+    measured once the answer is complete; or, without `answer_tokens`, measures the question's prefill (the
+    first forward) at once and keeps nothing of the cache: a batched prefill's keys are views of the whole
+    batch, which holding until the answer ends would keep alive.
 
     Args:
         video_slices (dict[int, slice]): per layer, where its cached video tokens sit among the keys.
-        answer_tokens (bool): keep the decoding steps' queries too; else only the first forward's (the
-            question's prefill), whose keys then stay those it saw.
+        answer_tokens (bool): the decoding steps' queries count too (`LEGACY`); else only the question's.
     """
 
     video_slices: dict[int, slice]
     answer_tokens: bool = True
     queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    # Per layer, the newest keys the kept queries attended to: the cache only grows, so earlier keys are
-    # their prefix.
+    # Per layer, the newest keys the queries attended to: the cache only grows, so earlier keys are their
+    # prefix.
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     scaling: float = 1.0
+    measured: dict[int, torch.Tensor] = field(default_factory=dict)  # without answer_tokens
 
     def collect(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        if not self.answer_tokens and layer_idx in self.queries:
+        if not self.answer_tokens:
+            if layer_idx not in self.measured:
+                self.measured[layer_idx] = self._layer_mass(layer_idx, query, key, scaling)
             return
         self.queries.setdefault(layer_idx, []).append(query)
         self.keys[layer_idx] = key
@@ -108,24 +112,31 @@ class EvidenceScratch:
 
     def video_mass(self, block: int = 8) -> dict[int, torch.Tensor]:
         """Per layer `[heads, video keys]`: each head's attention probabilities (softmax in fp32, summed over
-        the queries) on its video keys, each query against the keys it saw: those up to its own. Queries go
-        `block` at a time, which bounds the fp32 probabilities to `[heads, block, keys]`: on this CPU 8
-        was the fastest of 1 to 64 with the tiny model's 16 000-token layers (the block stays in cache),
-        2x slower than 16 at 7B widths, still 2x faster than one query at a time."""
-        mass = {}
-        for layer_idx, queries in self.queries.items():
-            query = torch.cat(queries, dim=2)  # [1, heads, Q, d]
-            key = self.keys[layer_idx]  # [1, kv_heads, K, d]
-            q_len, kv_len = query.shape[2], key.shape[2]
-            video = self.video_slices[layer_idx]
-            total = None
-            for start in range(0, q_len, block):
-                rows = query[:, :, start : start + block]
-                seen = kv_len - q_len + start + rows.shape[2]  # the block's last query sees keys [0, seen)
-                probs = _video_probabilities(rows, key[:, :, :seen], self.scaling, video)
-                total = probs if total is None else total.add_(probs)
-            mass[layer_idx] = total
-        return mass
+        the queries) on its video keys, each query against the keys it saw: those up to its own."""
+        if not self.answer_tokens:
+            return dict(self.measured)
+        return {
+            layer: self._layer_mass(layer, torch.cat(queries, dim=2), self.keys[layer], self.scaling, block)
+            for layer, queries in self.queries.items()
+        }
+
+    def _layer_mass(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float, block: int = 8
+    ) -> torch.Tensor:
+        """`video_mass` of one layer's queries `[1, heads, Q, d]`, aligned to the end of `key`
+        `[1, kv_heads, K, d]`. Queries go `block` at a time, which bounds the fp32 probabilities to
+        `[heads, block, keys]`: on this CPU 8 was the fastest of 1 to 64 with the tiny model's 16 000-token
+        layers (the block stays in cache), 2x slower than 16 at 7B widths, still 2x faster than one query
+        at a time."""
+        q_len, kv_len = query.shape[2], key.shape[2]
+        video = self.video_slices[layer_idx]
+        total = None
+        for start in range(0, q_len, block):
+            rows = query[:, :, start : start + block]
+            seen = kv_len - q_len + start + rows.shape[2]  # the block's last query sees keys [0, seen)
+            probs = _video_probabilities(rows, key[:, :, :seen], scaling, video)
+            total = probs if total is None else total.add_(probs)
+        return total
 
 
 def _video_probabilities(query, key, scaling, video: slice) -> torch.Tensor:
