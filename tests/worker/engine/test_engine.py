@@ -221,14 +221,15 @@ def shares(answer) -> list[float]:
 
 def test_evidence_comes_from_the_question_prefill_alone(loaded):
     """By default the answer's tokens add nothing to its evidence: its timeline is the one the question's
-    prefill gives before any token is decoded (the old timeline, with one answer token, is exactly that)."""
+    prefill gives before any token is decoded (counting answer tokens too, a one-token answer gives that)."""
     artifact = compress_video(loaded, VIDEO, config(loaded, 24))
     answer = answer_from_artifact(loaded, artifact, QUESTION, max_new_tokens=6)
-    prefill_only = answer_from_artifact(loaded, artifact, QUESTION, max_new_tokens=1, evidence=LEGACY)
-    legacy = answer_from_artifact(loaded, artifact, QUESTION, max_new_tokens=6, evidence=LEGACY)
+    with_answer = EvidenceConfig(source="answer")
+    prefill_only = answer_from_artifact(loaded, artifact, QUESTION, max_new_tokens=1, evidence=with_answer)
+    answered = answer_from_artifact(loaded, artifact, QUESTION, max_new_tokens=6, evidence=with_answer)
     assert len(answer.token_ids) == 6
     assert shares(answer) == pytest.approx(shares(prefill_only), abs=1e-9)
-    assert shares(answer) != pytest.approx(shares(legacy), abs=1e-6)
+    assert shares(answer) != pytest.approx(shares(answered), abs=1e-6)
 
 
 def test_evidence_from_chosen_heads(loaded):
