@@ -125,7 +125,11 @@ def test_two_tenants_uploading_the_same_bytes_see_the_same_first_upload(stack, t
     assert status_a == status_b == 202
     assert created_a.keys() == created_b.keys() and created_a["status"] == created_b["status"] == "queued"
     assert video_a["status"] == video_b["status"] == "ready"
-    assert job_a["cache"] == job_b["cache"] == {"hit": False, "tier": "none", "reason": "miss:absent"}
+    assert (
+        job_a["cache"]
+        == job_b["cache"]
+        == {"hit": False, "tier": "none", "reason": "miss:absent", "reread": None}
+    )
     facts = ("frames", "duration", "tokens_before", "tokens_after", "cache_tier", "sha256")
     assert {k: video_a[k] for k in facts} == {k: video_b[k] for k in facts}
     assert job_a.keys() == job_b.keys() and set(job_a["timings"]) == set(job_b["timings"])
