@@ -6,9 +6,12 @@ never seen) each show one shape for 1-2 seconds; the question is its colour. Eac
 every share of `CalibrationConfig.shares` of its video tokens (1.0: uncompressed) with the checkpoint's
 own settings, and the question is prefilled after each cache (nothing is decoded). Every (layer, query
 head) then has a timeline of its own, and a hit where its top frame lies within `GROUNDING_SECONDS` of
-the needle's visible interval. The heads are ranked by hits, and the evidence uses the best-ranked
-prefix: the shortest one whose combined timeline (`worker.engine.evidence.evidence_timeline`) hits most
-often. Videos, compressions and ranking follow from the seed alone, so a calibration repeats exactly.
+the needle's visible interval. The heads are ranked by hits on half the videos, the prefix length is the
+shortest whose combined timeline (`worker.engine.evidence.evidence_timeline`) hits most often there, and
+that choice stands only if on the other half of the videos it hits more often than every head together;
+else the evidence keeps every head (a few heads picked on a few dozen videos can fit those videos and
+nothing else). Videos, compressions and ranking follow from the seed alone, so a calibration repeats
+exactly.
 """
 
 from __future__ import annotations
@@ -67,10 +70,12 @@ class Case:
 @dataclass(frozen=True)
 class Calibration:
     """Args:
-    heads (tuple[tuple[int, int], ...]): the chosen (layer, head) pairs, best-ranked first.
+    heads (tuple[tuple[int, int], ...]): the chosen (layer, head) pairs, best-ranked first; empty: every
+        head (no smaller set did better on the held-out half).
     hits (list[list[int]]): per layer and head, the cases whose top frame was the needle's.
     cases (int): videos x shares.
-    grounded (dict[str, float]): share of cases grounded by the chosen heads and by every head.
+    grounded (dict[str, float]): share of the held-out half's cases grounded by the heads chosen on the
+        other half, and by every head.
     """
 
     heads: tuple[tuple[int, int], ...]
@@ -134,28 +139,47 @@ def hit_rate(cases: list[Case], evidence: EvidenceConfig) -> float:
     return hits / len(cases)
 
 
-def choose_heads(cases: list[Case], config: CalibrationConfig) -> Calibration:
-    """Rank heads by hits; keep the shortest best-ranked prefix whose combined timeline hits most."""
+def head_hits(cases: list[Case]) -> torch.Tensor:
+    """`[layers, heads]`: in how many cases each head's own top frame was the needle's."""
     hits = None
     for case in cases:
         per_head = head_timelines(case.artifact, case.video_mass, case.text0)  # [layers, heads, frames]
         times = torch.tensor(case.artifact.timestamps, dtype=torch.float64)[per_head.argmax(dim=-1)]
-        case_hits = (times >= case.needle.start - GROUNDING_SECONDS) & (
-            times <= case.needle.start + case.needle.duration + GROUNDING_SECONDS
+        needle = case.needle
+        on = (times >= needle.start - GROUNDING_SECONDS) & (
+            times <= needle.start + needle.duration + GROUNDING_SECONDS
         )
-        hits = case_hits.long() if hits is None else hits + case_hits.long()
+        hits = on.long() if hits is None else hits + on.long()
+    return hits
+
+
+def ranked_heads(hits: torch.Tensor) -> list[tuple[int, int]]:
     num_layers, num_heads = hits.shape
-    ranked = sorted(((layer, head) for layer in range(num_layers) for head in range(num_heads)),
-                    key=lambda pair: (-int(hits[pair]), pair))  # fmt: skip
-    best, best_rate = (), -1.0
-    for count in range(1, len(ranked) + 1):
-        rate = hit_rate(cases, EvidenceConfig(heads=tuple(ranked[:count])))
-        if rate > best_rate:
-            best, best_rate = tuple(ranked[:count]), rate
-    every = hit_rate(cases, EvidenceConfig())
-    return Calibration(
-        best, hits.tolist(), len(cases), {"chosen heads": best_rate, "every head": every}, config
-    )
+    pairs = [(layer, head) for layer in range(num_layers) for head in range(num_heads)]
+    return sorted(pairs, key=lambda pair: (-int(hits[pair]), pair))
+
+
+def best_prefix(cases: list[Case], ranked: list[tuple[int, int]]) -> int:
+    """The shortest prefix of `ranked` whose combined timeline hits most often in `cases`."""
+    rates = [
+        hit_rate(cases, EvidenceConfig(heads=tuple(ranked[:count]))) for count in range(1, len(ranked) + 1)
+    ]
+    return rates.index(max(rates)) + 1
+
+
+def choose_heads(cases: list[Case], config: CalibrationConfig) -> Calibration:
+    """Rank heads and pick a prefix on the even videos; keep it, re-ranked on all of them, if it beats every
+    head on the odd videos."""
+    per_video = len(config.shares)
+    fit = [case for index, case in enumerate(cases) if index // per_video % 2 == 0]
+    check = [case for index, case in enumerate(cases) if index // per_video % 2 == 1] or fit
+    count = best_prefix(fit, ranked_heads(head_hits(fit)))
+    chosen = hit_rate(check, EvidenceConfig(heads=tuple(ranked_heads(head_hits(fit))[:count])))
+    every = hit_rate(check, EvidenceConfig())
+    hits = head_hits(cases)
+    heads = tuple(ranked_heads(hits)[:count]) if chosen > every else ()
+    grounded = {"chosen heads, held-out half": chosen, "every head, held-out half": every}
+    return Calibration(heads, hits.tolist(), len(cases), grounded, config)
 
 
 def calibrate(

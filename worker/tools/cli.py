@@ -304,10 +304,13 @@ def _cmd_calibrate_evidence(args: argparse.Namespace) -> int:
          "TFLOP (vision and prefill, by videoqa plan's model)")  # fmt: skip
     loaded = _load(args)
     result = calibrate(loaded, config, calibration, on_video=lambda done: _say(f"video {done}/{args.videos}"))
-    heads = ", ".join(f"{layer}.{head}" for layer, head in result.heads)
+    heads = (
+        ", ".join(f"{layer}.{head}" for layer, head in result.heads)
+        or "every head (no smaller set did better)"
+    )
     print(f"heads (layer.head): {heads}")
     for name, value in result.grounded.items():
-        print(f"top moment within 1 s of the needle, {name}: {value:.1%} of {result.cases} cases")
+        print(f"top moment within 1 s of the needle, {name}: {value:.1%}")
     if args.dry_run:
         return 0
     print(f"written to {write_evidence(args.model, result.settings())}")

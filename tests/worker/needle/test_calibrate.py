@@ -20,10 +20,14 @@ def test_calibration_repeats_from_its_seed():
     base = with_settings(CompressionConfig(chunk_frames=8), read_checkpoint_settings(CHECKPOINT))
     first, again = calibrate(loaded, base, SMALL), calibrate(loaded, base, SMALL)
     assert first.settings() == again.settings()
-    assert first.cases == 6 and first.heads
+    assert first.cases == 6
     text = loaded.model.config.get_text_config()
     assert len(first.hits) == text.num_hidden_layers and len(first.hits[0]) == text.num_attention_heads
-    assert first.grounded["chosen heads"] >= first.grounded["every head"]
+    # A set smaller than every head stands only where it did better on the videos it was not chosen on.
+    held_out = first.grounded
+    assert bool(first.heads) == (
+        held_out["chosen heads, held-out half"] > held_out["every head, held-out half"]
+    )
     other = calibrate(loaded, base, CalibrationConfig(videos=3, seed=6, seconds=12.0, shares=(0.1, 1.0)))
     assert other.hits != first.hits  # other videos
 
