@@ -1,11 +1,10 @@
 """Train small Qwen2.5-VL / Qwen2-VL checkpoints on CPU, on the synthetic needle task, in two stages.
 
-    videoqa train-needle models/needle-single --family qwen2_5_vl
-    videoqa train-needle models/needle --family qwen2_5_vl --stage binding \
-        --init models/needle-single/qwen2_5_vl
+    videoqa train-needle models/needle --family qwen2_5_vl
+    videoqa train-needle out --family qwen2_5_vl --stage binding --init models/needle/qwen2_5_vl
 
 The needle stage trains from scratch to name the colour of a lone shape (and the other needle questions).
-The binding stage starts from its weights and teaches which colour belongs to which shape: stills with
+The binding stage starts from its weights and trains on which colour belongs to which shape: stills with
 1-4 shapes at once, then videos where a shape appears among 1-3 others of distinct colours.
 
 Every step draws fresh videos from the seed (`worker.needle.videos`), renders them at the sampling
@@ -167,7 +166,7 @@ class TrainConfig:
 
 
 def binding_config(family: str, init: str, seed: int = 0, **changes) -> TrainConfig:
-    """The binding stage as committed: 300 steps of 16 stills with 1-4 shapes, then 2100 steps of 8 videos
+    """The binding stage's defaults: 300 steps of 16 stills with 1-4 shapes, then 2100 steps of 8 videos
     of 6-16 s (a quarter plain needle videos), at half the needle stage's learning rate (the weights
     already see)."""
     settings = {"steps": 2400, "stills": 300, "stills_per_step": 16, "videos_per_step": 8, "min_seconds": 6.0,
