@@ -137,10 +137,10 @@ def serve_figures(label: str, settings: dict, env: dict, scratch: Path, args) ->
         figures["load_a"] = os.getloadavg()[0]
         figures["idle"] = [ask(base, videos[i % 8], QUESTIONS[i % 4]) for i in range(args.followups)]
         print(f"[{label}] (a) idle follow-ups {figures['idle']}", flush=True)
-        _, figures["index_alone"] = index(client, fresh_copy(long_video, Path(tmp)))
+        _, figures["index_alone"] = index(client, fresh_copy(long_video, tmp))
         print(f"[{label}] (a) 10-min index alone {figures['index_alone']:.1f} s", flush=True)
         started = time.perf_counter()
-        video = upload(client, fresh_copy(long_video, Path(tmp)))
+        video = upload(client, fresh_copy(long_video, tmp))
         index_job = video["links"]["index_job"].rsplit("/", 1)[1]
         with ThreadPoolExecutor(args.followups) as pool:
 
