@@ -19,6 +19,7 @@ from worker.needle.train import (
     checkpoint_settings,
     conversation,
     draw_video,
+    learning_rate,
     longest_at,
     save_trained,
     token_loss,
@@ -47,8 +48,9 @@ def test_first_steps_repeat_from_the_seed_with_any_number_of_workers(tmp_path):
     loaded = load_model(str(first), device="cpu", dtype="float32")
     assert loaded.family == config.family and loaded.revision.startswith("local-")
 
-    # the binding stage starts from those weights, and repeats from them and its seed just the same
-    binding = binding_config(config.family, str(first), videos_per_step=3, stills_per_step=3)
+    # the binding stage starts from those weights, and repeats from them and its seed just the same (a vision
+    # step, then a step of the whole model)
+    binding = binding_config(config.family, str(first), videos_per_step=3, stills_per_step=3, vision_steps=1)
     alone = train(binding, stop_after=2, workers=1)
     assert alone.losses == train(binding, stop_after=2, workers=2).losses
     record = json.loads((save_trained(alone, binding, tmp_path / "c", {}) / RECORD_FILE).read_text())
@@ -56,8 +58,19 @@ def test_first_steps_repeat_from_the_seed_with_any_number_of_workers(tmp_path):
     assert record["init"]["training"]["first_losses"] == forked.losses
     fresh = binding_config(config.family, str(save_trained(train(config, stop_after=1), config,
                                                            tmp_path / "d", {})), videos_per_step=3,
-                           stills_per_step=3)  # fmt: skip
+                           stills_per_step=3, vision_steps=1)  # fmt: skip
     assert train(fresh, stop_after=1).losses[0] != alone.losses[0]  # other weights, another first loss
+
+
+def test_vision_steps_train_the_vision_tower_and_leave_the_language_model_as_it_was():
+    init = "models/needle/qwen2_vl"
+    config = binding_config("qwen2_vl", init, vision_steps=2, stills_per_step=2)
+    trained = train(config, stop_after=2).loaded.model.state_dict()
+    before = load_model(init, device="cpu", dtype="float32").model.state_dict()
+    changed = {name for name, weights in before.items() if not torch.equal(weights, trained[name])}
+    assert changed and all(".visual." in name for name in changed)
+    assert learning_rate(config, config.vision_steps - 1) < config.vision_lr  # decayed over the vision steps
+    assert learning_rate(config, config.vision_steps) == config.lr / config.warmup  # warm-up again
 
 
 def test_the_binding_stage_needs_its_init_and_videos_that_hold_two_shapes():
@@ -109,8 +122,9 @@ def test_the_binding_curriculum_asks_every_colour_and_every_shape_of_stills_then
         assert {qa.kind for qa in qas} == {"colour", "shape"}
         shapes_seen.add(len(spec.events))
     assert shapes_seen == {1, 2, 3, 4}
+    assert draw_video(config, config.vision_steps + 5, 0)[0].seconds == 1.0  # stills after the vision steps
     distinct, drawn = 0, 0
-    for step in (config.stills, config.steps - 1):
+    for step in (config.first_video, config.steps - 1):
         for item in range(config.videos_per_step):
             spec, qas = draw_video(config, step, item)
             assert config.min_seconds <= spec.seconds <= longest_at(config, step)
