@@ -11,7 +11,7 @@ from worker.engine.answer import answer_uncompressed
 from worker.engine.artifact import artifact_to_bytes, load_artifact, save_artifact
 from worker.engine.config import SamplingConfig
 from worker.engine.engine import answer_from_artifact, compress_video
-from worker.engine.evidence import LEGACY, EvidenceConfig, EvidenceScratch
+from worker.engine.evidence import LEGACY, EvidenceConfig, EvidenceScratch, smoothed
 from worker.engine.generate import embed_tokens, forward, new_cache
 from worker.engine.models import load_model
 from worker.engine.prompt import build_prompt
@@ -253,6 +253,27 @@ def test_evidence_from_chosen_heads(loaded):
         answer_from_artifact(
             loaded, artifact, QUESTION, max_new_tokens=1, evidence=EvidenceConfig(heads=((9, 0),))
         )
+
+
+def test_a_moment_outweighs_a_lone_frame_once_smoothed(loaded):
+    """Evidence spread over a moment's frames beats a higher spike on one frame once each frame takes the
+    mean within `smooth_seconds`; the shares still sum as before, and 0 leaves them as they were."""
+    times = [i / 2 for i in range(12)]  # 2 fps
+    spiky = torch.zeros(12, dtype=torch.float64)
+    spiky[1], spiky[7:10] = 0.34, 0.22
+    spiky[0] = 1 - spiky.sum()
+    assert int(spiky.argmax()) == 1 and torch.equal(smoothed(spiky, times, 0.0), spiky)
+    moment = smoothed(spiky, times, 1.0)  # +-2 frames
+    assert int(moment.argmax()) in (7, 8, 9) and float(moment.sum()) == pytest.approx(1.0)
+    artifact = compress_video(loaded, VIDEO, config(loaded, 24))
+    plain = answer_from_artifact(loaded, artifact, QUESTION, max_new_tokens=1,
+                                 evidence=EvidenceConfig(smooth_seconds=0.0))  # fmt: skip
+    default = answer_from_artifact(loaded, artifact, QUESTION, max_new_tokens=1)
+    expected = smoothed(torch.tensor(shares(plain), dtype=torch.float64), artifact.timestamps, 1.0)
+    assert shares(default) == pytest.approx(expected.tolist(), abs=1e-9)
+    assert sum(shares(default)) == pytest.approx(1.0) and shares(default) != pytest.approx(shares(plain))
+    with pytest.raises(ValueError, match="smooth_seconds"):
+        EvidenceConfig(smooth_seconds=-1.0)
 
 
 def test_question_guided_mode_compresses_differently(loaded):
