@@ -173,8 +173,9 @@ def choose_heads(cases: list[Case], config: CalibrationConfig) -> Calibration:
     per_video = len(config.shares)
     fit = [case for index, case in enumerate(cases) if index // per_video % 2 == 0]
     check = [case for index, case in enumerate(cases) if index // per_video % 2 == 1] or fit
-    count = best_prefix(fit, ranked_heads(head_hits(fit)))
-    chosen = hit_rate(check, EvidenceConfig(heads=tuple(ranked_heads(head_hits(fit))[:count])))
+    ranked = ranked_heads(head_hits(fit))
+    count = best_prefix(fit, ranked)
+    chosen = hit_rate(check, EvidenceConfig(heads=tuple(ranked[:count])))
     every = hit_rate(check, EvidenceConfig())
     hits = head_hits(cases)
     heads = tuple(ranked_heads(hits)[:count]) if chosen > every else ()
